@@ -1,0 +1,3 @@
+from qfusion.cli import main
+
+raise SystemExit(main())

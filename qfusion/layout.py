@@ -1,0 +1,253 @@
+"""Packing of [vision | question 1 + m queries | question 2 + n queries | ...] into one varlen batch.
+
+Every sample of a batch becomes one contiguous run of the packed sequence (no padding); per-token
+metadata says what each token is (``kind``), which question group it belongs to (``group``), where it
+stands in its sample (``order``) and which rotary position it takes (``position``). The attention
+mask is not a tensor but a *rule* on that metadata (:func:`mask_rule`), evaluated wherever it is
+needed: materialised for the eager reference, as a FlexAttention ``mask_mod``, inside the Triton
+kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+VISION, TEXT, QUERY = 0, 1, 2
+"""Token kinds."""
+
+NO_GROUP = -1
+"""Group index of vision tokens, which belong to no question group."""
+
+POLICIES = ("causal", "prefix", "grouped")
+
+
+def mask_rule(policy: str, q_kind, q_group, q_order, k_kind, k_group, k_order):
+    """Whether query token (q_*) may attend to key token (k_*) of the same sample.
+
+    Written with ``&``, ``|``, ``<=`` and ``==`` only, so the same expression runs on broadcast torch
+    tensors (eager reference, FlexAttention ``mask_mod``) and on Triton block tensors.
+
+    * ``causal`` (the paper): key j visible iff order_j <= order_i.
+    * ``prefix``: causal, and vision tokens see all vision tokens.
+    * ``grouped``: prefix, and a token of group g sees only vision, group 0 and its own group.
+    """
+    visible = k_order <= q_order
+    if policy == "causal":
+        return visible
+    both_vision = (q_kind == VISION) & (k_kind == VISION)
+    if policy == "prefix":
+        return visible | both_vision
+    if policy == "grouped":
+        # Vision has group -1, so `k_group <= 0` keeps vision and group 0.
+        return (visible & ((k_group <= 0) | (k_group == q_group))) | both_vision
+    raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionMeta:
+    """Per-token metadata of one side (queries or keys) of a packed varlen attention.
+
+    All tensors are int32 on the device of the activations. Within one sample, ``order`` is the
+    token's index in that sample's full packed sequence; keys of a sample are stored in increasing
+    order, and a query sees a key only if the rule allows it (the rule never looks forward except
+    vision to vision).
+
+    kind: (T,) VISION / TEXT / QUERY.
+    group: (T,) question group index, NO_GROUP (-1) for vision tokens.
+    order: (T,) index of the token in its sample's packed sequence.
+    cu_seqlens: (B + 1,) offsets of the samples in the packed tensors.
+    max_seqlen: the longest sample, in tokens.
+    """
+
+    kind: Tensor
+    group: Tensor
+    order: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.kind.numel()
+
+    def seqlens(self) -> Tensor:
+        """(B,) number of tokens of each sample."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def sample_ids(self) -> Tensor:
+        """(T,) the sample each token belongs to."""
+        return torch.repeat_interleave(
+            torch.arange(self.num_samples, device=self.cu_seqlens.device), self.seqlens().long()
+        )
+
+    def to(self, device) -> "AttentionMeta":
+        return AttentionMeta(
+            self.kind.to(device), self.group.to(device), self.order.to(device),
+            self.cu_seqlens.to(device), self.max_seqlen,
+        )
+
+
+def dense_mask(policy: str, meta_q: AttentionMeta, meta_k: AttentionMeta, sample: int) -> Tensor:
+    """(Lq, Lk) boolean mask of one sample, materialised from the rule (for references and SDPA)."""
+    qs, qe = (int(x) for x in meta_q.cu_seqlens[sample : sample + 2])
+    ks, ke = (int(x) for x in meta_k.cu_seqlens[sample : sample + 2])
+    return mask_rule(
+        policy,
+        meta_q.kind[qs:qe, None], meta_q.group[qs:qe, None], meta_q.order[qs:qe, None],
+        meta_k.kind[None, ks:ke], meta_k.group[None, ks:ke], meta_k.order[None, ks:ke],
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLayout:
+    """Where every token of a packed multi-question batch comes from and what it may see.
+
+    Tokens are packed sample after sample; within a sample: its V vision tokens, then for each
+    question group g its question tokens (omitted when questions are not used) followed by k slots
+    (k = m for g = 0, n after). The last slot of every group is the shared ⟨eos⟩.
+
+    meta: the attention metadata (kind, group, order, cu_seqlens) of the packed sequence.
+    position: (T,) rotary position of every token.
+    sample: (T,) the sample each token belongs to.
+    vision_index: (sum V_b,) packed index of every vision token, samples in order.
+    text_index: (sum question lengths,) packed index of every question token, in batch order.
+    query_index: (Q,) packed index of every slot, groups in batch order.
+    slot: (Q,) slot number of each query token within its group (0 .. k - 1; k - 1 is ⟨eos⟩).
+    query_cu: (K + 1,) offsets of each group's slots in ``query_index``.
+    eos_index: (K,) packed index of each group's ⟨eos⟩ slot.
+    group_sample: (K,) sample of each group; group_number: (K,) its index within the sample.
+    """
+
+    meta: AttentionMeta
+    position: Tensor
+    sample: Tensor
+    vision_index: Tensor
+    text_index: Tensor
+    query_index: Tensor
+    slot: Tensor
+    query_cu: Tensor
+    eos_index: Tensor
+    group_sample: Tensor
+    group_number: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.meta.num_tokens
+
+    @property
+    def num_groups(self) -> int:
+        return self.eos_index.numel()
+
+    def group_sizes(self) -> list[int]:
+        """Number of slots (m or n) of every group, in batch order."""
+        return (self.query_cu[1:] - self.query_cu[:-1]).tolist()
+
+    def is_eos_slot(self) -> Tensor:
+        """(Q,) True at the ⟨eos⟩ slot of each group."""
+        sizes = self.query_cu[1:] - self.query_cu[:-1]
+        return self.slot == torch.repeat_interleave(sizes, sizes) - 1
+
+
+def _check_budget(m: int, n: int) -> None:
+    for name, value in (("m", m), ("n", n)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    if n > m:
+        raise ValueError(f"n: expected n <= m, got n={n} > m={m}")
+
+
+def pack(
+    vision_lengths: Sequence[int],
+    question_lengths: Sequence[Sequence[int]],
+    *,
+    m: int,
+    n: int,
+    policy: str = "causal",
+    device: torch.device | str | None = None,
+) -> PackedLayout:
+    """Build the packed layout of a batch.
+
+    vision_lengths: V_b for each of the B samples.
+    question_lengths: for each sample, the token count of each of its questions (G_b >= 1 entries;
+        use 0 for the paper's "no question" ablation, where a group holds only its slots).
+    m, n: slots of the first group / of every later group of a sample (1 <= n <= m).
+    policy: the mask policy; it decides rotary positions (``grouped`` restarts every group g >= 1
+        right after group 0, so a group never depends on groups it cannot see).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    _check_budget(m, n)
+    if len(vision_lengths) != len(question_lengths):
+        raise ValueError(
+            f"question_lengths: expected one list per sample ({len(vision_lengths)} samples), "
+            f"got {len(question_lengths)}"
+        )
+    if len(vision_lengths) == 0:
+        raise ValueError("vision_lengths: expected at least one sample, got none")
+
+    kind, group, order, position, sample, slot = [], [], [], [], [], []
+    vision_index, text_index, query_index, eos_index = [], [], [], []
+    query_cu, group_sample, group_number = [0], [], []
+    cu_seqlens = [0]
+    for b, (num_vision, lengths) in enumerate(zip(vision_lengths, question_lengths)):
+        if num_vision < 0:
+            raise ValueError(f"vision_lengths[{b}]: expected >= 0, got {num_vision}")
+        if len(lengths) == 0:
+            raise ValueError(f"question_lengths[{b}]: expected at least one question, got none")
+        start = cu_seqlens[-1]
+        kind += [VISION] * num_vision
+        group += [NO_GROUP] * num_vision
+        position += list(range(num_vision))
+        vision_index += range(start, start + num_vision)
+        cursor, group0_end = num_vision, None
+        for g, text_len in enumerate(lengths):
+            if text_len < 0:
+                raise ValueError(f"question_lengths[{b}][{g}]: expected >= 0, got {text_len}")
+            k = m if g == 0 else n
+            group_len = text_len + k
+            first_position = cursor if policy != "grouped" or g == 0 else group0_end
+            kind += [TEXT] * text_len + [QUERY] * k
+            group += [g] * group_len
+            position += range(first_position, first_position + group_len)
+            text_index += range(start + cursor, start + cursor + text_len)
+            query_index += range(start + cursor + text_len, start + cursor + group_len)
+            slot += range(k)
+            eos_index.append(start + cursor + group_len - 1)
+            query_cu.append(query_cu[-1] + k)
+            group_sample.append(b)
+            group_number.append(g)
+            cursor += group_len
+            if g == 0:
+                group0_end = cursor
+        order += range(cursor)
+        sample += [b] * cursor
+        cu_seqlens.append(start + cursor)
+
+    def t(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    def idx(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    lengths_all = [e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    meta = AttentionMeta(t(kind), t(group), t(order), t(cu_seqlens), max(lengths_all))
+    return PackedLayout(
+        meta=meta,
+        position=idx(position),
+        sample=idx(sample),
+        vision_index=idx(vision_index),
+        text_index=idx(text_index),
+        query_index=idx(query_index),
+        slot=idx(slot),
+        query_cu=idx(query_cu),
+        eos_index=idx(eos_index),
+        group_sample=idx(group_sample),
+        group_number=idx(group_number),
+    )
