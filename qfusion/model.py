@@ -1,0 +1,512 @@
+"""QuestionFusion: a small Llama-style transformer that compresses vision tokens given a question.
+
+One packed sequence per batch: [vision | question 1, m slots | question 2, n slots | ...] per sample
+(see :mod:`qfusion.layout`). The final hidden states at the slots, projected to the LLM width, are
+the fused vision tokens; the last slot of every group is the shared ⟨eos⟩.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors.torch import load_model
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from qfusion.config import FusionConfig
+from qfusion.layout import NO_GROUP, QUERY, TEXT, VISION, AttentionMeta, PackedLayout, _check_budget, pack
+from qfusion.ops.attention import fusion_attention
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def rotary_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (T, head_dim) for integer positions (T,); computed in float32 or float64."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=work) / head_dim)
+    angles = positions.to(work)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x: (T, H, D) by the tables cos, sin: (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class FusionAttention(nn.Module):
+    """Multi-head self-attention over the packed sequence (names avoid Llama's q_proj/k_proj/...)."""
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.to_q = nn.Linear(hidden, hidden, bias=False)
+        self.to_kv = nn.Linear(hidden, 2 * hidden, bias=False)
+        self.to_out = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta_q: AttentionMeta, meta_k: AttentionMeta,
+                past: tuple[Tensor, Tensor] | None = None, merge: Tensor | None = None):
+        """x: (T, hidden). With ``past`` (cached (Tk', H, D) keys/values), the new keys are merged in by
+        the gather index ``merge``. Returns (T, hidden) and the (k, v) the queries attended to."""
+        heads = self.config.num_heads
+        q = rearrange(self.to_q(x), "t (h d) -> t h d", h=heads)
+        k, v = rearrange(self.to_kv(x), "t (two h d) -> two t h d", two=2, h=heads)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if past is not None:
+            k = torch.cat([past[0], k])[merge]
+            v = torch.cat([past[1], v])[merge]
+        out = fusion_attention(q, k, v, meta_q, meta_k, policy=self.config.mask, impl=self.config.attn_impl)
+        return self.to_out(rearrange(out, "t h d -> t (h d)")), (k, v)
+
+
+class SwiGLU(nn.Module):
+    """The Llama MLP: w_out(silu(w_gate x) * w_in x)."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.w_gate = nn.Linear(hidden, intermediate, bias=False)
+        self.w_in = nn.Linear(hidden, intermediate, bias=False)
+        self.w_out = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w_out(F.silu(self.w_gate(x)) * self.w_in(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn = FusionAttention(config)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h, rope, meta_q, meta_k, past=None, merge=None):
+        attended, kv = self.attn(self.attn_norm(h), rope, meta_q, meta_k, past, merge)
+        h = h + attended
+        return h + self.mlp(self.mlp_norm(h)), kv
+
+
+@dataclass
+class FusionOutput:
+    """What a QuestionFusion forward produces.
+
+    tokens: per sample, per question, a (k, output_dim) tensor of fused tokens (k = m for the first
+        question, n after); the last row is the ⟨eos⟩ slot.
+    eos_embed: (K, contrastive_dim) L2-normalised ⟨eos⟩ embeddings, one per question in batch order.
+    slot_states: per question (batch order), the (k, hidden_size) final hidden states of its slots
+        before the output projection (for the identity loss).
+    packed_tokens: (Q, output_dim) all fused tokens, groups in batch order (``layout.query_cu``).
+    packed_slot_states: (Q, hidden_size) the same before projection.
+    layout: the packed layout the forward ran on.
+    """
+
+    tokens: list[list[Tensor]]
+    eos_embed: Tensor
+    slot_states: list[Tensor]
+    packed_tokens: Tensor
+    packed_slot_states: Tensor
+    layout: PackedLayout
+
+
+@dataclass
+class FusionState:
+    """The cached vision prefix (and question groups) of an incremental ``start``/``ask`` session.
+
+    Immutable from the caller's side: ``ask`` returns a new state, so one state can be asked several
+    different follow-ups.
+    """
+
+    owner: "weakref.ref[QuestionFusion]"
+    m: int
+    n: int
+    kv: list[tuple[Tensor, Tensor]]  # per layer, cached (Tk, H, D) keys and values
+    meta_k: AttentionMeta
+    groups: list[int]  # groups asked so far, per sample
+    next_order: list[int]  # order of the next token, per sample
+    next_position: list[int]  # rotary position of the next token, per sample
+    group0_end: list[int | None]  # position right after group 0, per sample (grouped positions)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.groups)
+
+
+def _meta(kind, group, order, lengths, device) -> AttentionMeta:
+    cu = [0]
+    for length in lengths:
+        cu.append(cu[-1] + length)
+
+    def t(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    return AttentionMeta(t(kind), t(group), t(order), t(cu), max(lengths, default=0))
+
+
+class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
+                     tags=["qfusion", "vision-token-compression"]):
+    """Question-aware compressor of a VLM's vision tokens into m (then n) fused tokens per question.
+
+    >>> import torch
+    >>> from qfusion import FusionConfig, QuestionFusion
+    >>> cfg = FusionConfig(vision_dim=32, hidden_size=64, num_layers=2, num_heads=4,
+    ...                    intermediate_size=128, codebook_size=16, m=8, n=2, output_dim=48,
+    ...                    text_vocab_size=100)
+    >>> fusion = QuestionFusion(cfg)
+    >>> out = fusion(torch.randn(1, 50, 32), [[torch.tensor([5, 6, 7]), torch.tensor([9])]])
+    >>> [t.shape[0] for t in out.tokens[0]]
+    [8, 2]
+    """
+
+    def __init__(self, config: FusionConfig | dict):
+        super().__init__()
+        if isinstance(config, dict):
+            config = FusionConfig.from_dict(config)
+        if not isinstance(config, FusionConfig):
+            raise TypeError(f"config: expected a FusionConfig or a dict, got {type(config).__name__}")
+        self.config = config
+        self._hub_mixin_config = config  # what save_pretrained writes as config.json
+        hidden = config.hidden_size
+        self.vision_proj = (
+            nn.Identity() if config.vision_dim == hidden else nn.Linear(config.vision_dim, hidden)
+        )
+        self.text_embed = nn.Embedding(config.text_vocab_size, hidden)
+        self.codebook = nn.Embedding(config.codebook_size - 1, hidden)
+        self.eos = nn.Parameter(torch.empty(hidden))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = nn.RMSNorm(hidden, eps=config.rms_norm_eps)
+        if config.output_mlp:
+            self.output_projection = nn.Sequential(
+                nn.Linear(hidden, config.output_dim), nn.GELU(), nn.Linear(config.output_dim, config.output_dim)
+            )
+        else:
+            self.output_projection = nn.Linear(hidden, config.output_dim)
+        self.contrastive_head = nn.Linear(hidden, config.contrastive_dim, bias=False)
+        # log(1/τ) of the contrastive loss, learned and saved with the module (CLIP's initial τ = 0.07).
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        nn.init.normal_(self.eos, std=std)
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(1 / 0.07))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.eos.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.eos.device
+
+    # ------------------------------------------------------------------ input checks
+
+    def _budget(self, m: int | None, n: int | None, default_m: int, default_n: int) -> tuple[int, int]:
+        m = default_m if m is None else m
+        n = min(default_n, m) if n is None else n
+        _check_budget(m, n)
+        if m > self.config.codebook_size:
+            raise ValueError(f"m: expected m <= codebook_size={self.config.codebook_size}, got {m}")
+        return m, n
+
+    def _check_vision(self, vision_tokens) -> list[Tensor]:
+        if isinstance(vision_tokens, Tensor):
+            if vision_tokens.dim() != 3:
+                raise ValueError(
+                    "vision_tokens: expected a (B, V, vision_dim) tensor or a list of (V_i, vision_dim) "
+                    f"tensors, got a tensor of shape {tuple(vision_tokens.shape)}"
+                )
+            vision = list(vision_tokens.unbind(0))
+        elif isinstance(vision_tokens, (list, tuple)) and all(isinstance(v, Tensor) for v in vision_tokens):
+            vision = list(vision_tokens)
+        else:
+            raise TypeError(
+                "vision_tokens: expected a (B, V, vision_dim) tensor or a list of (V_i, vision_dim) tensors, "
+                f"got {type(vision_tokens).__name__}"
+            )
+        if not vision:
+            raise ValueError("vision_tokens: expected at least one sample, got an empty batch")
+        for i, v in enumerate(vision):
+            if v.dim() != 2:
+                raise ValueError(f"vision_tokens[{i}]: expected (V, vision_dim), got shape {tuple(v.shape)}")
+            if v.shape[-1] != self.config.vision_dim:
+                raise ValueError(
+                    f"vision_tokens[{i}]: expected last dim vision_dim={self.config.vision_dim}, got {v.shape[-1]}"
+                )
+            if v.dtype != self.dtype:
+                raise TypeError(
+                    f"vision_tokens[{i}]: expected dtype {self.dtype} (the module's), got {v.dtype}; "
+                    "cast explicitly with .to(fusion.dtype)"
+                )
+            if v.device != self.device:
+                raise ValueError(
+                    f"vision_tokens[{i}]: expected device {self.device} (the module's), got {v.device}"
+                )
+        return vision
+
+    def _check_ids(self, ids, name: str) -> Tensor:
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"{name}: expected a 1-D integer tensor of token ids, got {type(ids).__name__}")
+        if ids.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"{name}: expected integer token ids, got dtype {ids.dtype}")
+        if ids.numel() == 0:
+            raise ValueError(f"{name}: expected at least one token, got an empty question")
+        if ids.device != self.device:
+            raise ValueError(f"{name}: expected device {self.device} (the module's), got {ids.device}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.config.text_vocab_size:
+            raise ValueError(
+                f"{name}: expected ids in [0, text_vocab_size={self.config.text_vocab_size}), "
+                f"got values in [{low}, {high}]"
+            )
+        return ids.long()
+
+    def _check_questions(self, questions, batch_size: int) -> list[list[Tensor | None]]:
+        """Validated questions; with use_question=False each entry only counts a group (None = ids unused)."""
+        if questions is None and not self.config.use_question:
+            return [[None] for _ in range(batch_size)]
+        if not isinstance(questions, (list, tuple)):
+            raise TypeError(
+                f"questions: expected a list of {batch_size} lists of 1-D LongTensors, got {type(questions).__name__}"
+            )
+        if len(questions) != batch_size:
+            raise ValueError(
+                f"questions: expected one list per sample ({batch_size} samples in vision_tokens), "
+                f"got {len(questions)}"
+            )
+        checked = []
+        for b, sample in enumerate(questions):
+            if not isinstance(sample, (list, tuple)):
+                raise TypeError(f"questions[{b}]: expected a list of 1-D LongTensors, got {type(sample).__name__}")
+            if not self.config.use_question:
+                checked.append([None] * max(len(sample), 1))
+                continue
+            if len(sample) == 0:
+                raise ValueError(f"questions[{b}]: expected at least one question, got an empty list")
+            checked.append([self._check_ids(q, f"questions[{b}][{g}]") for g, q in enumerate(sample)])
+        return checked
+
+    # ------------------------------------------------------------------ the forward pass
+
+    def _slot_embeddings(self, slot: Tensor, is_eos: Tensor) -> Tensor:
+        """(Q, hidden): codebook row ``slot`` for every slot but the last of a group, which is ⟨eos⟩."""
+        rows = (~is_eos).nonzero().squeeze(-1)
+        eos = self.eos.expand(slot.numel(), -1)
+        return eos.index_put((rows,), self.codebook(slot[rows]))
+
+    def _embed(self, vision: list[Tensor], ids: list[Tensor], text_index, query_index, vision_index,
+               slot, is_eos, num_tokens: int) -> Tensor:
+        h = self.eos.new_zeros(num_tokens, self.config.hidden_size)
+        if vision_index.numel():
+            h = h.index_put((vision_index,), self.vision_proj(torch.cat(vision)))
+        if text_index.numel():
+            h = h.index_put((text_index,), self.text_embed(torch.cat(ids)))
+        return h.index_put((query_index,), self._slot_embeddings(slot, is_eos))
+
+    def _run_layers(self, h, positions, meta_q, meta_k, past=None, merge=None):
+        rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        kv = []
+        for i, layer in enumerate(self.layers):
+            layer_past = None if past is None else past[i]
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, layer_kv = checkpoint(layer, h, rope, meta_q, meta_k, layer_past, merge, use_reentrant=False)
+            else:
+                h, layer_kv = layer(h, rope, meta_q, meta_k, layer_past, merge)
+            kv.append(layer_kv)
+        return h, kv
+
+    def forward(self, vision_tokens, questions, *, m: int | None = None, n: int | None = None) -> FusionOutput:
+        """Fuse each sample's vision tokens with each of its questions.
+
+        vision_tokens: (B, V, vision_dim) or a list of B tensors (V_b, vision_dim), in the module's
+            dtype and device.
+        questions: B lists of 1-D integer tensors (token ids of the fusion's text vocabulary), one
+            per question; G_b >= 1 questions per sample. With ``use_question=False`` the ids are not
+            used (only their count); ``None`` then means one group per sample.
+        m, n: slots of the first / every later question, overriding the config for this call
+            (1 <= n <= m <= codebook_size). Budgets nest: the slots of a smaller m are a prefix.
+        """
+        vision = self._check_vision(vision_tokens)
+        checked = self._check_questions(questions, len(vision))
+        m, n = self._budget(m, n, self.config.m, self.config.n)
+        ids = [q for sample in checked for q in sample if q is not None]
+        layout = pack(
+            [v.shape[0] for v in vision],
+            [[0 if q is None else q.numel() for q in sample] for sample in checked],
+            m=m, n=n, policy=self.config.mask, device=self.device,
+        )
+        h = self._embed(vision, ids, layout.text_index, layout.query_index, layout.vision_index,
+                        layout.slot, layout.is_eos_slot(), layout.num_tokens)
+        h, _ = self._run_layers(h, layout.position, layout.meta, layout.meta)
+        slot_states = self.norm(h[layout.query_index])  # (Q, hidden)
+        return self._outputs(slot_states, layout.group_sizes(), layout.group_sample.tolist(), layout)
+
+    def _outputs(self, slot_states: Tensor, sizes: list[int], group_sample: list[int], layout) -> FusionOutput:
+        tokens = self.output_projection(slot_states)
+        ends = torch.tensor(sizes, device=slot_states.device).cumsum(0) - 1
+        eos_embed = F.normalize(self.contrastive_head(slot_states[ends]), dim=-1)
+        per_group = list(tokens.split(sizes))
+        nested: list[list[Tensor]] = [[] for _ in range(max(group_sample, default=-1) + 1)]
+        for b, t in zip(group_sample, per_group):
+            nested[b].append(t)
+        return FusionOutput(nested, eos_embed, list(slot_states.split(sizes)), tokens, slot_states, layout)
+
+    # ------------------------------------------------------------------ incremental use
+
+    def start(self, vision_tokens, *, m: int | None = None, n: int | None = None) -> FusionState:
+        """Run the vision prefix once and keep its keys/values for later ``ask`` calls.
+
+        vision_tokens: as in ``forward``. m, n: the budgets of every later ``ask`` (fixed here).
+        """
+        vision = self._check_vision(vision_tokens)
+        m, n = self._budget(m, n, self.config.m, self.config.n)
+        lengths = [v.shape[0] for v in vision]
+        kind = [VISION] * sum(lengths)
+        group = [NO_GROUP] * sum(lengths)
+        order = [i for length in lengths for i in range(length)]
+        meta = _meta(kind, group, order, lengths, self.device)
+        h = self.vision_proj(torch.cat(vision))
+        positions = torch.tensor(order, dtype=torch.long, device=self.device)
+        _, kv = self._run_layers(h, positions, meta, meta)
+        return FusionState(weakref.ref(self), m, n, kv, meta, [0] * len(vision), list(lengths),
+                           list(lengths), [None] * len(vision))
+
+    def ask(self, state: FusionState, question_ids: Sequence[Tensor | None]):
+        """Append one question group per sample to a started state; returns (tokens, new_state).
+
+        question_ids: one entry per sample: a 1-D integer tensor, or None for a sample with nothing
+            to ask this time (with ``use_question=False`` any non-None entry asks, its ids unused).
+        tokens: per sample, a (k, output_dim) tensor (k = m for its first question, n after) or None.
+
+        Equals the packed ``forward`` over all questions at once, under every mask policy.
+        """
+        if not isinstance(state, FusionState) or state.owner() is not self:
+            raise ValueError("state: expected a FusionState returned by this module's start() or ask()")
+        if not isinstance(question_ids, (list, tuple)) or len(question_ids) != state.batch_size:
+            raise ValueError(
+                f"question_ids: expected a list of {state.batch_size} entries (tensor or None), "
+                f"got {type(question_ids).__name__} of length {len(question_ids) if hasattr(question_ids, '__len__') else '?'}"
+            )
+        if all(q is None for q in question_ids):
+            raise ValueError("question_ids: expected at least one question, got only None")
+        grouped = self.config.mask == "grouped"
+        kind, group, order, positions, slot, is_eos, lengths, text_local, ids = [], [], [], [], [], [], [], [], []
+        groups, next_order, next_position, group0_end = (
+            list(state.groups), list(state.next_order), list(state.next_position), list(state.group0_end)
+        )
+        for b, q in enumerate(question_ids):
+            if q is None:
+                lengths.append(0)
+                continue
+            if self.config.use_question:
+                q = self._check_ids(q, f"question_ids[{b}]")
+                ids.append(q)
+            text_len = q.numel() if self.config.use_question else 0
+            g = groups[b]
+            k = state.m if g == 0 else state.n
+            first_position = group0_end[b] if grouped and g > 0 else next_position[b]
+            start = len(kind)
+            kind += [TEXT] * text_len + [QUERY] * k
+            group += [g] * (text_len + k)
+            order += range(next_order[b], next_order[b] + text_len + k)
+            positions += range(first_position, first_position + text_len + k)
+            text_local += range(start, start + text_len)
+            slot += range(k)
+            is_eos += [False] * (k - 1) + [True]
+            lengths.append(text_len + k)
+            groups[b] = g + 1
+            next_order[b] += text_len + k
+            next_position[b] = first_position + text_len + k
+            if g == 0:
+                group0_end[b] = next_position[b]
+        device = self.device
+        meta_q = _meta(kind, group, order, lengths, device)
+        text_index = torch.tensor(text_local, dtype=torch.long, device=device)
+        is_text = torch.zeros(len(kind), dtype=torch.bool, device=device)
+        is_text[text_index] = True
+        query_index = (~is_text).nonzero().squeeze(-1)
+        h = self._embed([], ids, text_index, query_index, torch.empty(0, dtype=torch.long, device=device),
+                        torch.tensor(slot, device=device), torch.tensor(is_eos, device=device), len(kind))
+        meta_k, merge, from_new = self._merged_keys(state.meta_k, meta_q)
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        h, kv = self._run_layers(h, pos, meta_q, meta_k, state.kv, merge)
+
+        sizes = [state.m if g == 1 else state.n for g, q in zip(groups, question_ids) if q is not None]
+        asked = [b for b, q in enumerate(question_ids) if q is not None]
+        out = self._outputs(self.norm(h[query_index]), sizes, list(range(len(asked))), None)
+        tokens: list[Tensor | None] = [None] * state.batch_size
+        for b, t in zip(asked, out.tokens):
+            tokens[b] = t[0]
+
+        # Under `grouped` only group 0 is kept: later groups never see other groups.
+        keep_new = [(not grouped) or groups[b] == 1 for b in range(state.batch_size)]
+        sample_k = meta_k.sample_ids()
+        keep = ~from_new | torch.tensor(keep_new, device=device)[sample_k]
+        kept_lengths = torch.bincount(sample_k[keep], minlength=state.batch_size).tolist()
+        kept_meta = _meta(meta_k.kind[keep].tolist(), meta_k.group[keep].tolist(), meta_k.order[keep].tolist(),
+                          kept_lengths, device)
+        new_state = FusionState(state.owner, state.m, state.n, [(k[keep], v[keep]) for k, v in kv], kept_meta,
+                                groups, next_order, next_position, group0_end)
+        return tokens, new_state
+
+    @staticmethod
+    def _merged_keys(cached: AttentionMeta, new: AttentionMeta):
+        """Per sample [cached keys | new tokens]: their metadata, the gather index into
+        cat([cached, new]) that builds it, and which merged keys are new."""
+        len_c, len_n = cached.seqlens().long(), new.seqlens().long()
+        cu = torch.zeros(len_c.numel() + 1, dtype=torch.long, device=len_c.device)
+        cu[1:] = (len_c + len_n).cumsum(0)
+        sample_c, sample_n = cached.sample_ids(), new.sample_ids()
+        dest_c = cu[sample_c] + torch.arange(cached.num_tokens, device=cu.device) - cached.cu_seqlens.long()[sample_c]
+        dest_n = (cu[sample_n] + len_c[sample_n] + torch.arange(new.num_tokens, device=cu.device)
+                  - new.cu_seqlens.long()[sample_n])
+        merge = torch.argsort(torch.cat([dest_c, dest_n]))
+        from_new = merge >= cached.num_tokens
+
+        def merged(a, b):
+            return torch.cat([a, b])[merge]
+
+        meta = AttentionMeta(merged(cached.kind, new.kind), merged(cached.group, new.group),
+                             merged(cached.order, new.order), cu.to(torch.int32),
+                             int((len_c + len_n).max()))
+        return meta, merge, from_new
+
+    # ------------------------------------------------------------------ persistence
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
+                         map_location: str = "cpu", strict: bool = True, **model_kwargs):
+        """Load config.json + model.safetensors (strictly: every weight present, nothing unknown)."""
+        model = cls(**model_kwargs)
+        if os.path.isdir(model_id):
+            path = os.path.join(model_id, WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"model_id: no {WEIGHTS_NAME} in directory {model_id!r}")
+        else:
+            path = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision,
+                                   cache_dir=cache_dir, force_download=force_download, token=token,
+                                   local_files_only=local_files_only)
+        load_model(model, path, strict=strict, device=str(map_location))
+        return model
