@@ -98,7 +98,9 @@ def generation_loss(logits: Tensor, labels: Tensor, num_items_in_batch: int | Te
             f"labels: expected shape {tuple(logits.shape[:2])} matching logits (B, L, vocab), "
             f"got {tuple(labels.shape)}"
         )
-    shift_logits = logits[:, :-1].float().flatten(0, 1)
+    # half-precision logits are scored in float32; float64 stays float64
+    work = torch.promote_types(logits.dtype, torch.float32)
+    shift_logits = logits[:, :-1].to(work).flatten(0, 1)
     shift_labels = labels[:, 1:].flatten().to(logits.device)
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
     count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum()
