@@ -76,8 +76,8 @@ def test_identity_loss_gradients_are_finite():
 
 def test_generation_loss_hand_computed_and_shifted():
     logits = torch.zeros(1, 4, 3, dtype=torch.float64)
-    logits[0, 1] = torch.tensor([0.0, math.log(3.0), 0.0])  # predicts label at position 2
-    logits[0, 2] = torch.tensor([0.0, 0.0, math.log(2.0)])  # predicts label at position 3
+    logits[0, 1, 1] = math.log(3.0)  # predicts label at position 2
+    logits[0, 2, 2] = math.log(2.0)  # predicts label at position 3
     labels = torch.tensor([[-100, -100, 1, 2]])
     expected = (-math.log(3 / 5) - math.log(2 / 4)) / 2
     assert generation_loss(logits, labels).item() == pytest.approx(expected, rel=1e-12)
