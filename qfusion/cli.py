@@ -19,10 +19,125 @@ def _run_demo(args) -> int:
     return run_demo(quick=args.quick, out_dir=args.out)
 
 
+def _add_fit(subparsers) -> None:
+    p = subparsers.add_parser("fit", help="fit P(N) = (N_c / N)^alpha to (tokens, score) points from a CSV file")
+    p.add_argument("csv", help="CSV file with a header row")
+    p.add_argument("--x", default="tokens", help="column of the number of tokens N (default: tokens)")
+    p.add_argument("--y", default="score", help="column of the score (default: score)")
+    p.add_argument("--group", default=None, help="column naming each row's series (default: one series)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the alpha interval")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--plot", default=None, help="write the points and fitted curves to this image file")
+    p.add_argument("--json", default=None, help="write the fits to this JSON file")
+    p.set_defaults(func=_run_fit)
+
+
+def _run_fit(args) -> int:
+    import json
+
+    from qfusion.scaling import fit_power_law, load_points_csv, plot_scaling
+
+    try:
+        points = load_points_csv(args.csv, x=args.x, y=args.y, group=args.group)
+        fits = {name: fit_power_law(n, p, n_bootstrap=args.bootstrap, seed=args.seed)
+                for name, (n, p) in points.items()}
+    except ValueError as error:
+        print(f"qfusion fit: {error}", file=sys.stderr)
+        return 1
+    width = max(len("series"), *(len(name) for name in fits))
+    print(f"{'series':<{width}}  {'N_c':>10}  {'alpha':>8}  {'alpha 95% CI':>19}  {'R2 (log)':>8}  "
+          f"{'R2 (score)':>10}  {'points':>6}")
+    for name, fit in fits.items():
+        low, high = fit.alpha_ci
+        print(f"{name:<{width}}  {fit.n_c:>10.4g}  {fit.alpha:>8.4f}  {f'[{low:.4f}, {high:.4f}]':>19}  "
+              f"{fit.r2:>8.4f}  {fit.r2_score_space:>10.4f}  {fit.num_points:>6}")
+    if args.plot:
+        plot_scaling({name: (*points[name], fit) for name, fit in fits.items()}, args.plot, ylabel=args.y)
+        print(f"plot: {args.plot}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({name: fit.to_dict() for name, fit in fits.items()}, handle, indent=2)
+        print(f"json: {args.json}")
+    return 0
+
+
+def _add_divergence(subparsers) -> None:
+    p = subparsers.add_parser("divergence", help="branch divergence of a causal LM over chosen/rejected answers")
+    p.add_argument("--model", required=True, help="local directory of a transformers causal LM and its tokenizer")
+    p.add_argument("--pairs", required=True, help="JSONL file, one {prompt, chosen, rejected} object a line")
+    p.add_argument("--max-len", type=int, default=64, help="cap on answer steps N (default: 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default: 8)")
+    p.add_argument("--r-star", type=float, default=1.0, help="threshold 1: smallest N with r(N) < r* (default: 1)")
+    p.add_argument("--eps", type=float, default=1e-3, help="threshold 2: smallest N with |drho| < eps (default: 1e-3)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--plot", default=None, help="write sqrt E(N), the bound and rho(N) to this image file")
+    p.add_argument("--json", default=None, help="write the statistics to this JSON file")
+    p.set_defaults(func=_run_divergence)
+
+
+def _read_pairs(path: str) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) triples from a JSONL file, one object a line (blank lines skipped)."""
+    import json
+
+    pairs = []
+    with open(path) as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--pairs: line {line_number} of {path!r} is not JSON: {error}") from None
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                       for k in ("prompt", "chosen", "rejected")):
+                raise ValueError(f"--pairs: line {line_number} of {path!r}: expected an object with string "
+                                 f"keys prompt, chosen, rejected, got {line.strip()[:80]!r}")
+            pairs.append((record["prompt"], record["chosen"], record["rejected"]))
+    return pairs
+
+
+def _run_divergence(args) -> int:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qfusion.scaling import branch_divergence, plot_divergence
+
+    try:
+        pairs = _read_pairs(args.pairs)
+    except ValueError as error:
+        print(f"qfusion divergence: {error}", file=sys.stderr)
+        return 1
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device)
+    result = branch_divergence(model, tokenizer, pairs, max_len=args.max_len, batch_size=args.batch_size,
+                               progress=not args.no_progress, r_star=args.r_star, eps=args.eps)
+    print(f"pairs: {result.num_pairs}  sigma: {result.sigma:.4g}")
+    print(f"{'N':>4}  {'pairs':>5}  {'E(N)':>10}  {'sqrt E(N)':>10}  {'bound(N)':>10}  {'rho(N)':>8}")
+    shown = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if n <= len(result.n)]
+    if len(result.n) not in shown:
+        shown.append(len(result.n))
+    for n in shown:
+        i = n - 1
+        print(f"{n:>4}  {result.pairs_at_n[i]:>5}  {result.energy[i]:>10.4g}  {result.energy[i] ** 0.5:>10.4g}  "
+              f"{result.bound[i]:>10.4g}  {result.rho[i]:>8.4f}")
+    print(f"threshold 1, smallest N with r(N) < {result.r_star:g}: {result.threshold_ratio}")
+    print(f"threshold 2, smallest N with |rho(N+1) - rho(N)| < {result.eps:g}: {result.threshold_plateau}")
+    if args.plot:
+        plot_divergence(result, args.plot)
+        print(f"plot: {args.plot}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result.to_dict(), handle, indent=2)
+        print(f"json: {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfusion", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo,):
+    for add in (_add_demo, _add_fit, _add_divergence):
         add(subparsers)
     return parser
 

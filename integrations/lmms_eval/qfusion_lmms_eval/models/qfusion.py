@@ -1,0 +1,203 @@
+"""QFusionLMM: an lmms-eval model that evaluates a transformers VLM with a qfusion plugin attached.
+
+    lmms-eval --model qfusion \\
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,plugin=path/to/plugin --tasks mme
+
+``pretrained`` is the host checkpoint (LLaVA, LLaVA-NeXT, BLIP-2 or InstructBLIP), ``plugin`` a
+directory written by ``adapter.save_pretrained`` (and ``QFusionProcessor.save_pretrained``). One image
+per request; the request's text is the question, rendered with the host's chat template when it
+has one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lmms_eval.api.model import lmms
+
+import qfusion
+from qfusion import QFusionProcessor
+from qfusion.adapters import FusionCache
+from qfusion.processor import PROCESSOR_CONFIG_NAME
+
+
+def _host_class(model_type: str):
+    """The transformers class that loads a host checkpoint of this model type."""
+    import transformers
+
+    if model_type == "blip-2":
+        return transformers.Blip2ForConditionalGeneration
+    if model_type == "instructblip":
+        return transformers.InstructBlipForConditionalGeneration
+    return transformers.AutoModelForImageTextToText
+
+
+def _dtype(value: str | torch.dtype):
+    if isinstance(value, torch.dtype) or value == "auto":
+        return value
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype: expected 'auto' or a torch dtype name such as 'bfloat16', got {value!r}")
+    return dtype
+
+
+class QFusionLMM(lmms):
+    """A host checkpoint with a qfusion plugin attached, for lmms-eval's ``generate_until``,
+    ``loglikelihood`` and ``generate_until_multi_round`` (follow-up rounds reuse the fusion's cached
+    vision prefix).
+
+    pretrained: host checkpoint (hub id or directory).
+    plugin: qfusion plugin directory.
+    device: where the host goes ("cuda" when available, else "cpu"); ``device_map`` (e.g. "auto")
+        instead spreads it with accelerate.
+    dtype: "auto" (the checkpoint's), "bfloat16", "float16" or "float32".
+    batch_size: requests per generate call (left-padded).
+    max_new_tokens: default generation length when a task gives none.
+    """
+
+    is_simple = True
+
+    def __init__(self, pretrained: str, plugin: str, device: str | None = None, device_map: str | None = None,
+                 dtype: str = "auto", batch_size: int | str = 1, max_new_tokens: int = 256, **kwargs: Any) -> None:
+        super().__init__()
+        if kwargs:
+            raise ValueError(f"qfusion model: unknown arguments {sorted(kwargs)}")
+        from transformers import AutoConfig, AutoProcessor
+
+        model_type = AutoConfig.from_pretrained(pretrained).model_type
+        load = {"dtype": _dtype(dtype)}
+        if device_map is not None:
+            load["device_map"] = device_map
+        model = _host_class(model_type).from_pretrained(pretrained, **load)
+        if device_map is None:
+            model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.eval()
+        self.adapter = qfusion.attach(self.model, plugin)
+        host_processor = AutoProcessor.from_pretrained(pretrained)
+        if os.path.isfile(os.path.join(plugin, PROCESSOR_CONFIG_NAME)):
+            self.processor = QFusionProcessor.from_pretrained(plugin, host_processor, self.model)
+        else:
+            self.processor = QFusionProcessor(host_processor, self.model)
+        self.batch_size_per_gpu = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def has_chat_template(self) -> bool:
+        host = self.processor.host
+        return bool(getattr(host, "chat_template", None) or getattr(host.tokenizer, "chat_template", None))
+
+    def _image(self, request_args) -> Any:
+        *_, doc_to_visual, doc_id, task, split = request_args
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+        visuals = [v for v in (visuals if isinstance(visuals, (list, tuple)) else [visuals]) if v is not None]
+        if len(visuals) != 1:
+            raise ValueError(
+                f"qfusion model: expected one image per request, got {len(visuals)} ({task}, doc {doc_id})"
+            )
+        return visuals[0]
+
+    @staticmethod
+    def _question(context: str) -> str:
+        return context.replace("<image>", "").strip()
+
+    def _inputs(self, images: list, conversations: list[list[dict]], **kwargs):
+        if self.has_chat_template:
+            batch = self.processor(images=images, conversations=conversations, padding_side="left", **kwargs)
+        else:  # plain questions: every user turn in order
+            questions = [[m["content"] for m in c if m["role"] == "user"] for c in conversations]
+            batch = self.processor(images=images, questions=questions, padding_side="left", **kwargs)
+        dtype = self.model.dtype
+        return {k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device) for k, v in batch.items()}
+
+    def _generate(self, images: list, conversations: list[list[dict]], gen_kwargs: dict, cache=None) -> list[str]:
+        gen_kwargs = dict(gen_kwargs)
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        temperature = gen_kwargs.pop("temperature", 0) or 0
+        settings = {"max_new_tokens": gen_kwargs.pop("max_new_tokens", self.max_new_tokens),
+                    "num_beams": gen_kwargs.pop("num_beams", 1) or 1, "do_sample": temperature > 0}
+        if temperature > 0:
+            settings.update(temperature=temperature, top_p=gen_kwargs.pop("top_p", None))
+        tokenizer = self.processor.tokenizer
+        inputs = self._inputs(images, conversations)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **settings, qfusion_cache=cache,
+                                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for stop in until:
+            texts = [text.split(stop)[0] if stop else text for text in texts]
+        return [text.strip() for text in texts]
+
+    # ------------------------------------------------------------------ the lmms interface
+
+    def generate_until(self, requests) -> list[str]:
+        results: list[str | None] = [None] * len(requests)
+        pending: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):  # batch requests with the same generation settings
+            pending.setdefault(repr(sorted(request.args[1].items())), []).append(i)
+        for indices in pending.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                args = [requests[i].args for i in chunk]
+                images = [self._image(a) for a in args]
+                conversations = [[{"role": "user", "content": self._question(a[0])}] for a in args]
+                for i, text in zip(chunk, self._generate(images, conversations, args[0][1])):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), text)
+        return results
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        results = []
+        for request in requests:
+            context, target, *_ = request.args
+            *_, doc_id, task, split = request.args
+            continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+            conversation = [{"role": "user", "content": self._question(context)},
+                            {"role": "assistant", "content": continuation}]
+            if not self.has_chat_template:
+                raise ValueError("qfusion model: loglikelihood needs a host processor with a chat template")
+            batch = self._inputs([self._image(request.args)], [conversation], return_labels=True)
+            labels = batch.pop("labels")
+            labels[labels == self.processor.tokenizer.eos_token_id] = -100  # score the continuation only
+            with torch.inference_mode():
+                logits = self.model(**batch).logits[:, :-1].float()
+            targets, scored = batch["input_ids"][:, 1:], labels[:, 1:] != -100
+            logprobs = F.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0]
+            greedy = bool((logits.argmax(-1) == targets)[scored].all())
+            results.append((float(logprobs[scored].sum()), greedy))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[list[str]]:
+        results = []
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
+            doc = self.task_dict[task][split][doc_id]
+            image = self._image((doc_to_visual, doc_id, task, split))
+            cache, conversation, answers, info, round_idx = FusionCache(), [], [], None, 0
+            while True:
+                if round_idx:
+                    _, context, terminal, answers, info = doc_to_text(
+                        doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info)
+                    answers = list(answers)
+                    if terminal:
+                        break
+                conversation.append({"role": "user", "content": self._question(context)})
+                answer = self._generate([image], [conversation], gen_kwargs, cache)[0]
+                conversation.append({"role": "assistant", "content": answer})
+                answers.append(answer)
+                round_idx += 1
+            results.append(answers)
+        return results

@@ -1,0 +1,258 @@
+"""BLIP-2 / InstructBLIP hosts: fused tokens go through ``language_projection`` into the LLM input.
+
+Data flow of a patched call (transformers 5 ``Blip2ForConditionalGeneration`` /
+``InstructBlipForConditionalGeneration`` with a decoder-only LLM):
+
+    pixel_values ─ vision_model ─> (257, d_vision) per image ─ QuestionFusion(questions) ─>
+    m + (G−1)·n tokens of the Q-Former's width ─ language_projection ─> the LLM's placeholders
+
+* ``mode="replace"``: the fused tokens stand instead of the Q-Former's query outputs (the Q-Former
+  does not run).
+* ``mode="augment"``: the host's own query outputs (for InstructBLIP conditioned on its
+  ``qformer_input_ids``) come first, then the fused tokens: the first question's run holds
+  ``num_query_tokens + m`` placeholders.
+
+``forward`` hands the tokens to the host's own forward through ``mm_encoder_outputs``. The host's
+``generate`` recomputes vision → Q-Former → projection inline, so it is replaced by the same steps
+with the fused tokens. These hosts do not check the placeholder count (too few placeholders would
+silently misplace features): the adapter checks every sample's placeholder runs itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from qfusion.adapters.base import HostAdapter
+
+
+def _image_outputs(**fields):
+    """The host's image-feature output type (imported on use: transformers' modeling code is heavy)."""
+    from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
+
+    return BaseModelOutputWithVisionQformerOutputs(**fields)
+
+
+class Blip2Adapter(HostAdapter):
+    """Adapter for ``blip-2`` and ``instructblip`` hosts (see the module docstring)."""
+
+    family = "blip2"
+    model_types = ("blip-2", "instructblip")
+    modes = ("replace", "augment")
+    vision_sources = ("tower",)
+    llm_name = "language_model"
+
+    def _check_host(self) -> None:
+        config = self.model.config
+        if not config.use_decoder_only_language_model:
+            raise NotImplementedError(
+                f"model: {self.settings.model_type} with an encoder-decoder language model "
+                f"({config.text_config.model_type}, e.g. flan-T5) is not supported yet; use a decoder-only "
+                "one (OPT, Llama, Vicuna)"
+            )
+        for part in ("vision_model", "qformer", "query_tokens", "language_projection", "language_model"):
+            if not hasattr(self.model, part):
+                raise TypeError(
+                    f"model: expected a transformers 5 {self.settings.model_type} model with .{part}, "
+                    f"got {type(self.model).__name__}"
+                )
+        if getattr(config, "image_token_id", None) is None:
+            raise ValueError(
+                "model.config.image_token_id: not set; qfusion needs the host's image placeholder token "
+                "(set it to the tokenizer's '<image>' id)"
+            )
+
+    # ------------------------------------------------------------------ host facts
+
+    @property
+    def is_instruct(self) -> bool:
+        return self.settings.model_type == "instructblip"
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.vision_config.hidden_size
+
+    @property
+    def fusion_output_dim(self) -> int:
+        return self.model.config.qformer_config.hidden_size
+
+    @property
+    def image_prefix(self) -> int:
+        return self.model.config.num_query_tokens if self.settings.mode == "augment" else 0
+
+    def _module_groups(self) -> dict[str, list[str]]:
+        return {"vision_tower": ["vision_model"], "projector": ["qformer", "query_tokens", "language_projection"],
+                "llm": ["language_model"]}
+
+    # ------------------------------------------------------------------ vision features
+
+    def encode(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, qformer_input_ids=None,
+               qformer_attention_mask=None):
+        """(per image (V, d_vision) vision-model features, the host's image outputs).
+
+        In ``augment`` mode the host's own ``get_image_features`` runs (vision model, Q-Former,
+        projection) and its vision features feed the fusion; otherwise only the vision model runs.
+        """
+        if self.settings.mode == "augment":
+            kwargs = {}
+            if self.is_instruct:
+                if qformer_input_ids is None:
+                    raise ValueError(
+                        "qformer_input_ids: required by InstructBLIP in mode='augment' (its Q-Former's text)"
+                    )
+                kwargs = {"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
+            image = self.model.get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                                  return_dict=True, **kwargs)
+            return list(image.last_hidden_state), image
+        vision = self.model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                         return_dict=True)
+        return list(vision.last_hidden_state), _image_outputs(
+            last_hidden_state=vision.last_hidden_state, pooler_output=vision.pooler_output, vision_outputs=vision,
+        )
+
+    def encoder_outputs(self, *, input_ids, inputs_embeds, pixel_values, interpolate_pos_encoding, qformer_input_ids,
+                        qformer_attention_mask, qfusion_input_ids, qfusion_attention_mask, qfusion_cache):
+        """``{"image": outputs}`` whose ``pooler_output`` (total, d_llm) holds every sample's tokens in
+        placeholder order, or None when neither images nor questions are given."""
+        if pixel_values is None and qfusion_input_ids is None:
+            return None
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds: not supported with qfusion inputs; pass input_ids")
+        if pixel_values is None and (qfusion_cache is None or qfusion_cache.is_empty):
+            raise ValueError(
+                "pixel_values: required with qfusion_input_ids (unless a filled qfusion_cache holds the images)"
+            )
+        questions = self._questions(qfusion_input_ids, qfusion_attention_mask, input_ids)
+        self._check_images(pixel_values, input_ids.shape[0])
+        augment = self.settings.mode == "augment"
+
+        def encode():
+            return self.encode(pixel_values, interpolate_pos_encoding, qformer_input_ids, qformer_attention_mask)
+
+        context = qformer_input_ids if augment and self.is_instruct else None
+        tokens, image = self.fused_tokens(encode, pixel_values, questions, qfusion_cache, context)
+        projection = self.model.language_projection
+        weight = projection.weight
+        counts = [sum(t.shape[0] for t in groups) for groups in tokens]
+        flat = torch.cat([t for groups in tokens for t in groups])
+        fused = projection(flat.to(device=weight.device, dtype=weight.dtype))
+        per_sample = list(fused.split(counts))
+        if augment:
+            per_sample = [torch.cat([host.to(f), f]) for host, f in zip(image.pooler_output, per_sample)]
+        outputs = _image_outputs(
+            last_hidden_state=image.last_hidden_state, pooler_output=torch.cat(per_sample),
+            vision_outputs=image.vision_outputs, qformer_outputs=image.qformer_outputs,
+        )
+        return {"image": outputs}
+
+    # ------------------------------------------------------------------ the patched calls
+
+    def _generate(self, model, input_ids, attention_mask, mm_encoder_outputs, generate_kwargs):
+        """The host's generate after its inline feature computation, with the fused tokens instead."""
+        if hasattr(model, "hf_device_map"):
+            model._preprocess_accelerate()
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        features = mm_encoder_outputs["image"].pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+        placeholders = (input_ids == self.image_token_id).unsqueeze(-1).to(inputs_embeds.device)
+        inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
+        return model.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                             input_ids=input_ids, **generate_kwargs)
+
+    def _run_forward(self, inputs: dict, qformer_input_ids, qformer_attention_mask, qfusion_input_ids,
+                     qfusion_attention_mask, qfusion_cache, kwargs):
+        fused = self.encoder_outputs(
+            input_ids=inputs["input_ids"], inputs_embeds=inputs["inputs_embeds"], pixel_values=inputs["pixel_values"],
+            interpolate_pos_encoding=inputs["interpolate_pos_encoding"], qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask, qfusion_input_ids=qfusion_input_ids,
+            qfusion_attention_mask=qfusion_attention_mask, qfusion_cache=qfusion_cache,
+        )
+        if fused is not None:
+            if inputs["mm_encoder_outputs"] is not None:
+                raise ValueError(
+                    "mm_encoder_outputs: pass either precomputed image embeddings or pixel_values with "
+                    "qfusion_input_ids, not both"
+                )
+            inputs = dict(inputs, pixel_values=None, mm_encoder_outputs=fused)
+        if self.is_instruct:
+            inputs = dict(inputs, qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)
+        return self.host_method("forward")(**inputs, **kwargs)
+
+    def _run_generate(self, pixel_values, input_ids, attention_mask, inputs_embeds, interpolate_pos_encoding,
+                      qformer_input_ids, qformer_attention_mask, qfusion_input_ids, qfusion_attention_mask,
+                      qfusion_cache, generate_kwargs):
+        if pixel_values is None and qfusion_input_ids is None:
+            host = ({"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
+                    if self.is_instruct else {})
+            return self.host_method("generate")(pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                                                inputs_embeds=inputs_embeds,
+                                                interpolate_pos_encoding=interpolate_pos_encoding, **host,
+                                                **generate_kwargs)
+        fused = self.encoder_outputs(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding, qformer_input_ids=qformer_input_ids,
+            qformer_attention_mask=qformer_attention_mask, qfusion_input_ids=qfusion_input_ids,
+            qfusion_attention_mask=qfusion_attention_mask, qfusion_cache=qfusion_cache,
+        )
+        return self._generate(self.model, input_ids, attention_mask, fused, generate_kwargs)
+
+    def _patched_methods(self) -> dict[str, Callable]:
+        """The instance's new forward/generate: explicit signatures (the host's, plus the qfusion inputs)
+        that find their adapter on the model at call time."""
+        if self.is_instruct:
+            def forward(self, pixel_values=None, qformer_input_ids=None, qformer_attention_mask=None, input_ids=None,
+                        attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, inputs_embeds=None,
+                        labels=None, interpolate_pos_encoding=False, mm_encoder_outputs=None, qfusion_input_ids=None,
+                        qfusion_attention_mask=None, qfusion_cache=None, **kwargs):
+                """The host's forward, with the images compressed by the attached qfusion plugin.
+
+                qfusion_input_ids / qfusion_attention_mask: (B, G_max, L_max) question ids, right-padded;
+                    an all-zero mask row is an empty slot. qfusion_cache: a FusionCache for multi-turn use.
+                """
+                inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                              decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                              inputs_embeds=inputs_embeds, labels=labels,
+                              interpolate_pos_encoding=interpolate_pos_encoding, mm_encoder_outputs=mm_encoder_outputs)
+                return HostAdapter.of(self)._run_forward(inputs, qformer_input_ids, qformer_attention_mask,
+                                                         qfusion_input_ids, qfusion_attention_mask, qfusion_cache,
+                                                         kwargs)
+
+            @torch.no_grad()
+            def generate(self, pixel_values=None, qformer_input_ids=None, qformer_attention_mask=None, input_ids=None,
+                         attention_mask=None, inputs_embeds=None, interpolate_pos_encoding=False,
+                         qfusion_input_ids=None, qfusion_attention_mask=None, qfusion_cache=None, **generate_kwargs):
+                """The host's generate, with the images compressed by the attached qfusion plugin."""
+                return HostAdapter.of(self)._run_generate(
+                    pixel_values, input_ids, attention_mask, inputs_embeds, interpolate_pos_encoding,
+                    qformer_input_ids, qformer_attention_mask, qfusion_input_ids, qfusion_attention_mask,
+                    qfusion_cache, generate_kwargs)
+        else:
+            def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
+                        decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding=False,
+                        mm_encoder_outputs=None, qfusion_input_ids=None, qfusion_attention_mask=None,
+                        qfusion_cache=None, **kwargs):
+                """The host's forward, with the images compressed by the attached qfusion plugin.
+
+                qfusion_input_ids / qfusion_attention_mask: (B, G_max, L_max) question ids, right-padded;
+                    an all-zero mask row is an empty slot. qfusion_cache: a FusionCache for multi-turn use.
+                """
+                inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                              decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                              inputs_embeds=inputs_embeds, labels=labels,
+                              interpolate_pos_encoding=interpolate_pos_encoding, mm_encoder_outputs=mm_encoder_outputs)
+                return HostAdapter.of(self)._run_forward(inputs, None, None, qfusion_input_ids,
+                                                         qfusion_attention_mask, qfusion_cache, kwargs)
+
+            @torch.no_grad()
+            def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
+                         interpolate_pos_encoding=False, qfusion_input_ids=None, qfusion_attention_mask=None,
+                         qfusion_cache=None, **generate_kwargs):
+                """The host's generate, with the images compressed by the attached qfusion plugin."""
+                return HostAdapter.of(self)._run_generate(
+                    pixel_values, input_ids, attention_mask, inputs_embeds, interpolate_pos_encoding, None, None,
+                    qfusion_input_ids, qfusion_attention_mask, qfusion_cache, generate_kwargs)
+
+        return {"forward": forward, "generate": generate}

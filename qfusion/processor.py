@@ -1,0 +1,379 @@
+"""QFusionProcessor: a host processor's inputs for a model with a qfusion plugin attached.
+
+The host processors (``LlavaProcessor``, ``LlavaNextProcessor``, ``Blip2Processor``,
+``InstructBlipProcessor``) expand every image into as many placeholders as the host has vision
+tokens. With the plugin a sample with G questions needs m placeholders right before its first
+question and n before each later one (BLIP ``augment``: the Q-Former's tokens first), and the
+questions themselves as ``qfusion_input_ids`` / ``qfusion_attention_mask`` of shape
+(B, G_max, L_max). This wrapper builds both from the host's chat ``conversations`` (the user turns
+are the questions) or from plain question strings, and the images through the host's image
+processor (or as HD views for an HD front-end).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qfusion.vision import hd_views
+
+PROCESSOR_CONFIG_NAME = "qfusion_processor.json"
+QUESTION_TOKENIZER_DIR = "question_tokenizer"
+
+
+def _positive(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _text_of(content) -> str:
+    """The text of a chat message's content: a string, or the "text" items of a list of typed items."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        return " ".join(item["text"] for item in content if isinstance(item, dict) and item.get("type") == "text")
+    raise TypeError(
+        f"conversations: a message content must be a string or a list of typed items, got {type(content).__name__}"
+    )
+
+
+def _as_unit_image(image) -> Any:
+    """A PIL image as is, or a (C, H, W) float tensor in [0, 1] from uint8/float arrays and tensors."""
+    if hasattr(image, "convert"):  # PIL
+        return image
+    tensor = torch.as_tensor(image)
+    if tensor.dim() == 3 and tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4):
+        tensor = tensor.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    if tensor.dim() != 3:
+        raise ValueError(f"images: expected (C, H, W) or (H, W, C) images, got shape {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        return tensor.float() / 255
+    return tensor
+
+
+class QFusionProcessor:
+    """Builds the inputs of a qfusion-attached host: images, prompts with the right placeholders, questions.
+
+    host_processor: the host's processor (``AutoProcessor.from_pretrained(checkpoint)``).
+    model: an attached host (``qfusion.attach``) to read m, n, the BLIP ``augment`` prefix and the HD
+        grid from; or pass ``m`` and ``n`` (and ``image_prefix``, ``hd_grid``) yourself.
+    question_tokenizer: tokenizer of the fusion's questions (default: the host's tokenizer; e.g. a CLIP
+        tokenizer by option). Its ids must stay below the fusion's ``text_vocab_size``.
+    question_special_tokens: add the question tokenizer's special tokens to each question (default:
+        only for a separate tokenizer).
+    max_question_length: truncate questions to this many tokens (default: no truncation).
+
+    ``__call__`` returns a ``BatchFeature`` with ``input_ids``, ``attention_mask``, the image
+    processor's outputs (``pixel_values``, ...), ``qfusion_input_ids``, ``qfusion_attention_mask``
+    (plus ``qformer_input_ids``/``qformer_attention_mask`` for InstructBLIP, ``labels`` on request):
+    ``model.generate(**inputs)`` or ``model(**inputs)``.
+    """
+
+    def __init__(self, host_processor, model=None, *, m: int | None = None, n: int | None = None,
+                 image_prefix: int | None = None, hd_grid: tuple[int, int] | None = None,
+                 question_tokenizer=None, question_special_tokens: bool | None = None,
+                 max_question_length: int | None = None):
+        tokenizer = getattr(host_processor, "tokenizer", None)
+        if tokenizer is None or getattr(host_processor, "image_processor", None) is None:
+            raise TypeError(
+                "host_processor: expected a transformers VLM processor with .tokenizer and .image_processor, "
+                f"got {type(host_processor).__name__}"
+            )
+        self.host = host_processor
+        self.tokenizer = tokenizer
+        token = getattr(host_processor, "image_token", None) or "<image>"
+        self.image_token = str(getattr(token, "content", token))
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"host_processor: its tokenizer has no image token {self.image_token!r}")
+        if model is not None:
+            from qfusion.adapters import get_adapter
+
+            adapter = get_adapter(model)
+            found = {"m": adapter.m, "n": adapter.n, "image_prefix": adapter.image_prefix,
+                     "hd_grid": adapter.settings.hd_grid}
+            hd_grid = None if hd_grid is None else tuple(hd_grid)
+            for name, value in (("m", m), ("n", n), ("image_prefix", image_prefix), ("hd_grid", hd_grid)):
+                if value is not None and value != found[name]:
+                    raise ValueError(f"{name}: the attached plugin uses {name}={found[name]!r}, got {value!r}")
+            m, n, image_prefix, hd_grid = found["m"], found["n"], found["image_prefix"], found["hd_grid"]
+            vocab = adapter.fusion.config.text_vocab_size
+            size = len(question_tokenizer if question_tokenizer is not None else tokenizer)
+            if size > vocab:
+                raise ValueError(
+                    f"question_tokenizer: has {size} tokens, more than the fusion's text_vocab_size={vocab}"
+                )
+            if adapter.image_token_id != self.image_token_id:
+                raise ValueError(
+                    f"host_processor: its image token id {self.image_token_id} differs from the model's "
+                    f"config.image_token_id {adapter.image_token_id}"
+                )
+        if m is None or n is None:
+            raise ValueError("m, n: required (or pass the attached model to read them from)")
+        self.m, self.n = _positive(m, "m"), _positive(n, "n")
+        if self.n > self.m:
+            raise ValueError(f"n: expected n <= m={self.m}, got {self.n}")
+        self.image_prefix = 0 if image_prefix is None else image_prefix
+        if not isinstance(self.image_prefix, int) or self.image_prefix < 0:
+            raise ValueError(f"image_prefix: expected an integer >= 0, got {image_prefix!r}")
+        self.hd_grid = None if hd_grid is None else tuple(hd_grid)
+        self.question_tokenizer = question_tokenizer
+        self.question_special_tokens = (question_tokenizer is not None if question_special_tokens is None
+                                        else bool(question_special_tokens))
+        self.max_question_length = (None if max_question_length is None
+                                    else _positive(max_question_length, "max_question_length"))
+
+    # ------------------------------------------------------------------ layout
+
+    def num_placeholders(self, num_questions: int) -> int:
+        """Image placeholders of one sample with ``num_questions`` questions: prefix + m + (G−1)·n."""
+        return self.image_prefix + self.m + (num_questions - 1) * self.n
+
+    def _placeholders(self, group: int) -> str:
+        count = self.image_prefix + self.m if group == 0 else self.n
+        return self.image_token * count
+
+    # ------------------------------------------------------------------ inputs
+
+    def _batch_questions(self, questions) -> list[list[str]]:
+        if isinstance(questions, str):
+            questions = [questions]
+        if not isinstance(questions, (list, tuple)) or not questions:
+            raise TypeError(
+                "questions: expected a string, a list of strings (one per image) or a list of lists of strings"
+            )
+        batch = []
+        for b, sample in enumerate(questions):
+            sample = [sample] if isinstance(sample, str) else sample
+            if not isinstance(sample, (list, tuple)) or not sample or not all(isinstance(q, str) for q in sample):
+                raise TypeError(f"questions[{b}]: expected a string or a non-empty list of strings, got {sample!r:.80}")
+            batch.append(list(sample))
+        return batch
+
+    def _batch_conversations(self, conversations) -> list[list[dict]]:
+        if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise TypeError(
+                "conversations: expected a conversation (a list of {'role', 'content'} messages) or a list of them"
+            )
+        for b, conversation in enumerate(conversations):
+            if not isinstance(conversation, (list, tuple)) or not all(
+                isinstance(message, dict) and "role" in message and "content" in message for message in conversation
+            ):
+                raise TypeError(f"conversations[{b}]: expected a list of {{'role', 'content'}} messages")
+            if not any(message["role"] == "user" for message in conversation):
+                raise ValueError(f"conversations[{b}]: has no user turn (the user turns are the questions)")
+        return [list(conversation) for conversation in conversations]
+
+    def _chat_template(self) -> str:
+        template = getattr(self.host, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if isinstance(template, dict):
+            template = template.get("default")
+        if not template:
+            raise ValueError(
+                "conversations: the host processor has no chat template; pass plain `questions` or set "
+                "host_processor.chat_template"
+            )
+        return template
+
+    def _render(self, conversation: list[dict], add_generation_prompt: bool | None):
+        """(prompt text with placeholders before every user turn, the user texts, every turn's (role, text))."""
+        questions, turns, messages = [], [], []
+        for message in conversation:
+            message = copy.copy(message)
+            text = _text_of(message["content"])
+            if message["role"] == "user":
+                text_with_image = self._placeholders(len(questions)) + text
+                questions.append(text)
+                message["content"] = (text_with_image if isinstance(message["content"], str)
+                                      else [{"type": "text", "text": text_with_image}])
+            turns.append((message["role"], text))
+            messages.append(message)
+        if add_generation_prompt is None:
+            add_generation_prompt = conversation[-1]["role"] == "user"
+        prompt = self.tokenizer.apply_chat_template(messages, chat_template=self._chat_template(), tokenize=False,
+                                                    add_generation_prompt=add_generation_prompt)
+        return prompt, questions, turns
+
+    def _images(self, images, batch_size: int) -> dict[str, Tensor]:
+        if images is None:
+            raise ValueError("images: required, one image per sample")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) != batch_size:
+            raise ValueError(f"images: expected one image per sample ({batch_size} samples), got {len(images)}")
+        if self.hd_grid is None:
+            return dict(self.host.image_processor(list(images), return_tensors="pt"))
+        processor = self.host.image_processor
+        crop = getattr(processor, "crop_size", None) or processor.size
+        size = crop.get("height") or crop.get("shortest_edge")
+        mean = torch.tensor(processor.image_mean)[:, None, None]
+        std = torch.tensor(processor.image_std)[:, None, None]
+        views = [hd_views(_as_unit_image(image), grid=self.hd_grid, size=size, fill=processor.image_mean)
+                 for image in images]
+        return {"pixel_values": (torch.stack(views) - mean) / std}
+
+    def _question_ids(self, questions: list[list[str]]) -> tuple[Tensor, Tensor]:
+        tokenizer = self.question_tokenizer or self.tokenizer
+        ids = []
+        for b, sample in enumerate(questions):
+            row = []
+            for g, question in enumerate(sample):
+                tokens = tokenizer(question, add_special_tokens=self.question_special_tokens)["input_ids"]
+                tokens = tokens[: self.max_question_length] if self.max_question_length else tokens
+                if not tokens:
+                    raise ValueError(
+                        f"questions: question {g} of sample {b} is empty after tokenization ({question!r})"
+                    )
+                row.append(tokens)
+            ids.append(row)
+        groups = max(len(row) for row in ids)
+        length = max(len(q) for row in ids for q in row)
+        input_ids = torch.zeros(len(ids), groups, length, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for b, row in enumerate(ids):
+            for g, tokens in enumerate(row):
+                input_ids[b, g, : len(tokens)] = torch.tensor(tokens)
+                mask[b, g, : len(tokens)] = 1
+        return input_ids, mask
+
+    def _check_counts(self, input_ids: Tensor, questions: list[list[str]]) -> None:
+        found = (input_ids == self.image_token_id).sum(-1).tolist()
+        expected = [self.num_placeholders(len(sample)) for sample in questions]
+        if found != expected:
+            raise ValueError(
+                f"text: image placeholders per image expected {expected}, found {found} "
+                f"({len(questions)} images; m={self.m}, n={self.n}, prefix={self.image_prefix}); does the chat "
+                "template or the text add its own image tokens?"
+            )
+
+    @staticmethod
+    def _labels(input_ids: Tensor, offsets: Tensor, prompts: list[str], turns: list[list[tuple[str, str]]],
+                eos_id) -> Tensor:
+        """-100 everywhere but on the tokens of the assistant turns (and the eos right after each).
+
+        Each turn's text is looked up in the rendered prompt after the previous turn's, so an answer
+        that also occurs in an earlier question is not mistaken for it.
+        """
+        labels = torch.full_like(input_ids, -100)
+        for b, (prompt, sample) in enumerate(zip(prompts, turns)):
+            cursor, spans = 0, []
+            for role, text in sample:
+                start = prompt.find(text, cursor) if text else -1
+                if start < 0:
+                    continue
+                cursor = start + len(text)
+                if role == "assistant":
+                    spans.append((start, cursor))
+            starts, ends = offsets[b, :, 0], offsets[b, :, 1]
+            for lo, hi in spans:
+                inside = (starts >= lo) & (ends <= hi) & (ends > starts)
+                labels[b, inside] = input_ids[b, inside]
+                positions = inside.nonzero().flatten()
+                after = int(positions[-1]) + 1 if positions.numel() else None
+                if after is not None and after < input_ids.shape[1] and int(input_ids[b, after]) == eos_id:
+                    labels[b, after] = eos_id
+        return labels
+
+    def __call__(self, images=None, conversations=None, questions=None, *, add_generation_prompt: bool | None = None,
+                 prompt_format: str = "{question}", return_labels: bool = False, padding_side: str | None = None,
+                 return_tensors: str = "pt"):
+        """Inputs for ``model(**inputs)`` / ``model.generate(**inputs)``, one image per sample.
+
+        images: one image per sample (PIL, arrays or tensors, as the host's image processor takes).
+        conversations: the host's chat format, one conversation per sample (or one conversation):
+            ``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]``.
+            Every user turn is a question; image items are dropped and the placeholders are put right
+            before each user text; the prompt is rendered with the host's chat template.
+        questions: instead of conversations: a string, one string per image, or a list of strings per
+            image; each becomes ``prompt_format.format(question=...)`` after its placeholders, joined by
+            spaces, tokenized with the host tokenizer's special tokens.
+        add_generation_prompt: end with the assistant's turn opening (default: when the last turn is
+            the user's).
+        return_labels: also return ``labels`` (conversations only): the assistant turns' tokens and the
+            eos closing each, -100 elsewhere (needs a fast tokenizer).
+        padding_side: "left" for batched generation (default: the tokenizer's).
+        """
+        if (conversations is None) == (questions is None):
+            raise ValueError("conversations, questions: pass exactly one of them")
+        if return_tensors != "pt":
+            raise ValueError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
+        if conversations is not None:
+            rendered = [self._render(c, add_generation_prompt) for c in self._batch_conversations(conversations)]
+            prompts = [r[0] for r in rendered]
+            batch_questions = [r[1] for r in rendered]
+            turns = [r[2] for r in rendered]
+            special = False  # chat templates write their own special tokens
+        else:
+            if return_labels:
+                raise ValueError("return_labels: needs conversations (the assistant turns are the labels)")
+            batch_questions = self._batch_questions(questions)
+            prompts = [" ".join(self._placeholders(g) + prompt_format.format(question=q) for g, q in enumerate(sample))
+                       for sample in batch_questions]
+            special = True
+        encoding = self.tokenizer(prompts, add_special_tokens=special, padding=True, return_tensors="pt",
+                                  return_offsets_mapping=return_labels,
+                                  **({"padding_side": padding_side} if padding_side else {}))
+        self._check_counts(encoding["input_ids"], batch_questions)
+        data = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        data.update(self._images(images, len(prompts)))
+        data["qfusion_input_ids"], data["qfusion_attention_mask"] = self._question_ids(batch_questions)
+        qformer_tokenizer = getattr(self.host, "qformer_tokenizer", None)
+        if qformer_tokenizer is not None:
+            qformer = qformer_tokenizer([sample[0] for sample in batch_questions], padding=True, return_tensors="pt")
+            data["qformer_input_ids"], data["qformer_attention_mask"] = qformer["input_ids"], qformer["attention_mask"]
+        if return_labels:
+            data["labels"] = self._labels(encoding["input_ids"], encoding["offset_mapping"], prompts, turns,
+                                          self.tokenizer.eos_token_id)
+        from transformers import BatchFeature
+
+        return BatchFeature(data)
+
+    # ------------------------------------------------------------------ host passthrough and saving
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write the processor's settings (qfusion_processor.json) and a separate question tokenizer
+        into a plugin directory; the host processor is not saved (it comes with the host checkpoint)."""
+        os.makedirs(save_directory, exist_ok=True)
+        settings = {"m": self.m, "n": self.n, "image_prefix": self.image_prefix,
+                    "hd_grid": list(self.hd_grid) if self.hd_grid else None,
+                    "question_special_tokens": self.question_special_tokens,
+                    "max_question_length": self.max_question_length,
+                    "question_tokenizer": QUESTION_TOKENIZER_DIR if self.question_tokenizer is not None else None}
+        with open(os.path.join(save_directory, PROCESSOR_CONFIG_NAME), "w") as f:
+            json.dump(settings, f, indent=2, sort_keys=True)
+        if self.question_tokenizer is not None:
+            self.question_tokenizer.save_pretrained(os.path.join(save_directory, QUESTION_TOKENIZER_DIR))
+        return os.fspath(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, host_processor, model=None) -> "QFusionProcessor":
+        """Rebuild a processor saved with ``save_pretrained`` around the host's processor."""
+        path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"directory: no {PROCESSOR_CONFIG_NAME} in {os.fspath(directory)!r}")
+        with open(path) as f:
+            settings = json.load(f)
+        from transformers import AutoTokenizer
+
+        tokenizer_dir = settings.pop("question_tokenizer")
+        question_tokenizer = (AutoTokenizer.from_pretrained(os.path.join(directory, tokenizer_dir))
+                              if tokenizer_dir else None)
+        return cls(host_processor, model, question_tokenizer=question_tokenizer, **settings)
+
+    def __repr__(self) -> str:
+        return (f"QFusionProcessor(host={type(self.host).__name__}, m={self.m}, n={self.n}, "
+                f"image_prefix={self.image_prefix}, hd_grid={self.hd_grid})")

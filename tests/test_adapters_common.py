@@ -1,0 +1,194 @@
+"""qfusion.adapters (dispatch, the shared base, FusionCache) and the README's adapter sections."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest_hosts import IMAGE_TOKEN_ID, fusion_config, hosts, images  # noqa: F401
+from PIL import Image
+from torch import nn
+
+import qfusion
+from qfusion import QFusionProcessor, QuestionFusion
+from qfusion.adapters import ADAPTERS, FusionCache, get_adapter
+from qfusion.adapters.base import active_module, check_placeholders, placeholder_runs, split_questions
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("Wrap a LLaVA checkpoint", "Wrap BLIP-2 / InstructBLIP")
+CHECKPOINTS = {"llava-hf/llava-1.5-7b-hf": "llava", "Salesforce/blip2-opt-2.7b": "blip-2",
+               "Salesforce/instructblip-vicuna-7b": "instructblip"}
+
+
+def section_blocks(title: str) -> list[str]:
+    """The ```python blocks of a '## title' section: from README.md once it has it, else docs_snippets/adapters.md."""
+    pattern = rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)"
+    for path in (ROOT / "README.md", ROOT / "docs_snippets" / "adapters.md"):
+        match = re.search(pattern, path.read_text(), flags=re.S | re.M) if path.exists() else None
+        if match:
+            return re.findall(r"```python\n(.*?)```", match.group(1), flags=re.S)
+    raise AssertionError(f"no section {title!r} in README.md or docs_snippets/adapters.md")
+
+
+@pytest.mark.parametrize("title", SECTIONS)
+def test_readme_adapter_sections_run_as_written(hosts, title, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(images(1, size=(60, 80))[0]).save("photo.jpg")
+    blocks = section_blocks(title)
+    assert blocks
+    namespace: dict = {}
+    torch.manual_seed(0)
+    for block in blocks:
+        for checkpoint, kind in CHECKPOINTS.items():  # the hub checkpoints, as tiny random ones
+            block = block.replace(repr(checkpoint).replace("'", '"'), repr(hosts.directory(kind)))
+        exec(compile(block, f"README ({title})", "exec"), namespace)
+
+
+def test_every_supported_model_type_has_an_adapter():
+    assert set(ADAPTERS) == {"llava", "llava_next", "blip-2", "instructblip"}
+
+
+def test_split_questions_reads_slots_until_the_first_empty_row():
+    ids = torch.tensor([[[5, 6, 0], [7, 0, 0], [0, 0, 0]], [[8, 9, 10], [0, 0, 0], [0, 0, 0]]])
+    questions = split_questions(ids, (ids > 0).long(), 2)
+    assert [[q.tolist() for q in sample] for sample in questions] == [[[5, 6], [7]], [[8, 9, 10]]]
+    assert [len(s) for s in split_questions(ids, None, 2)] == [3, 3]  # no mask: every slot, every token
+    with pytest.raises(ValueError, match="sample 1 has no question"):
+        split_questions(ids, torch.stack([(ids[0] > 0).long(), torch.zeros(3, 3, dtype=torch.long)]), 2)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        split_questions(ids, (ids > 0).long() * 2, 2)
+    with pytest.raises(TypeError, match="integer token ids"):
+        split_questions(ids.float(), None, 2)
+    with pytest.raises(ValueError, match="qfusion_attention_mask: expected shape"):
+        split_questions(ids, torch.ones(2, 3), 2)
+
+
+def test_placeholder_runs_and_check():
+    ids = torch.tensor([[1, 4, 4, 4, 9, 4, 9, 4, 4], [4, 4, 4, 9, 9, 9, 9, 9, 9]])
+    assert placeholder_runs(ids[0], 4) == [3, 1, 2]
+    check_placeholders(ids, 4, [[3, 1, 2], [3]], m=3, n=1)
+    with pytest.raises(ValueError, match=r"sample 0 has image placeholder runs \[3, 1, 2\] \(total 6\), "
+                                         r"expected \[3, 2, 2\]"):
+        check_placeholders(ids, 4, [[3, 2, 2], [3]], m=3, n=2)
+    with pytest.raises(ValueError, match="2 host query tokens"):
+        check_placeholders(ids, 4, [[5, 1], [3]], m=3, n=1, prefix=2)
+
+
+def test_fusion_cache_asks_only_new_questions_and_equals_the_packed_forward():
+    torch.manual_seed(0)
+    fusion = QuestionFusion(fusion_config(vision_dim=8, output_dim=6, attn_impl="eager")).double()
+    vision = [torch.randn(5, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)]
+    pixels = torch.randn(2, 3, 4, 4)
+    questions = [[torch.tensor([1, 2]), torch.tensor([3])], [torch.tensor([4, 5, 6])]]
+    encoded = []
+
+    def encode():
+        encoded.append(1)
+        return vision, "host"
+
+    cache = FusionCache()
+    first, host = cache.fuse(fusion, encode, pixels, [questions[0][:1], questions[1]])
+    later, _ = cache.fuse(fusion, encode, None, questions)
+    assert host == "host" and len(encoded) == 1 and (cache.hits, cache.misses) == (1, 1)
+    packed = fusion(vision, questions).tokens
+    for got, want in zip(later, packed):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    cache.fuse(fusion, encode, pixels + 1, questions)  # other images refill
+    cache.fuse(fusion, encode, pixels + 1, [[torch.tensor([9])], questions[1]])  # an edited question refills
+    assert len(encoded) == 3 and cache.misses == 3
+    cache.clear()
+    with pytest.raises(ValueError, match="pixel_values: required"):
+        cache.fuse(fusion, encode, None, questions)
+
+
+def test_attach_rejects_unsupported_models_and_inputs(hosts):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1))
+    with pytest.raises(ValueError, match="no adapter for model_type 'llama'"):
+        qfusion.attach(llm, fusion_config())
+    with pytest.raises(TypeError, match="expected a FusionConfig, a QuestionFusion or a plugin directory"):
+        qfusion.attach(hosts.model("llava"), {"m": 4})
+    with pytest.raises(ValueError, match="no qfusion plugin attached"):
+        get_adapter(hosts.model("llava"))
+
+
+def test_attach_before_peft_and_detach_after_unloading(hosts):
+    from peft import get_peft_model
+
+    model = hosts.model("llava")
+    qfusion.attach(model, fusion_config())
+    peft_model = get_peft_model(model, qfusion.lora_config(model))
+    with pytest.raises(TypeError, match="before wrapping it with peft"):
+        qfusion.attach(peft_model, fusion_config())
+    host = peft_model.merge_and_unload()
+    assert host is model and isinstance(host.qfusion, QuestionFusion)
+    assert isinstance(qfusion.detach(host), QuestionFusion)
+
+
+def test_detach_refuses_when_someone_patched_after_attach(hosts):
+    model = hosts.model("llava")
+    qfusion.attach(model, fusion_config())
+    ours = model.forward
+    model.forward = lambda *args, **kwargs: ours(*args, **kwargs)
+    with pytest.raises(RuntimeError, match="was replaced after qfusion.attach"):
+        qfusion.detach(model)
+    model.forward = ours
+    qfusion.detach(model)
+
+
+def test_a_deep_copy_of_an_attached_host_runs_and_detaches_on_its_own(hosts):
+    import copy
+
+    model = hosts.model("blip-2")
+    qfusion.attach(model, fusion_config(), mode="augment")
+    processor = QFusionProcessor(hosts.processor("blip-2"), model)
+    batch = processor(images=images(1), questions=[["what is this ?", "red"]])
+    twin = copy.deepcopy(model)
+    assert get_adapter(twin).model is twin and get_adapter(twin).fusion is twin.qfusion
+    with torch.no_grad():
+        assert torch.equal(twin(**batch).logits, model(**batch).logits)
+        twin.qfusion.codebook.weight.zero_()
+        assert not torch.equal(twin(**batch).logits, model(**batch).logits)  # the copy runs its own plugin
+    qfusion.detach(twin)
+    assert "forward" not in twin.__dict__ and "forward" in model.__dict__
+    assert not any("qfusion" in k for k in twin._keys_to_ignore_on_save)
+
+
+def test_host_save_leaves_the_plugin_out_even_when_it_changes(hosts, tmp_path):
+    model = hosts.model("llava")
+    qfusion.attach(model, fusion_config())
+    assert all(k.startswith("qfusion.") for k in model._keys_to_ignore_on_save)
+    model.qfusion = nn.Sequential(model.qfusion)  # the plugin module is swapped (as wrappers do)
+    assert "qfusion.0.codebook.weight" in set(model._keys_to_ignore_on_save)
+    model.qfusion = model.qfusion[0]
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path)
+    assert set(reloaded.state_dict()) == {k for k in model.state_dict() if not k.startswith("qfusion.")}
+
+
+def test_active_module_follows_peft_modules_to_save(hosts):
+    from peft import get_peft_model
+
+    model = hosts.model("blip-2")
+    adapter = qfusion.attach(model, fusion_config())
+    peft_model = get_peft_model(model, qfusion.lora_config(model))
+    wrapper = model.qfusion
+    assert active_module(wrapper) is wrapper.modules_to_save["default"] is adapter.fusion
+    with peft_model.disable_adapter():
+        assert adapter.fusion is wrapper.original_module
+    assert active_module(adapter.fusion) is adapter.fusion
+
+
+def test_processor_and_adapter_agree_for_every_host(hosts):
+    for kind in ("llava", "llava_next", "blip-2", "instructblip"):
+        model = hosts.model(kind)
+        adapter = qfusion.attach(model, fusion_config(m=3, n=1))
+        processor = QFusionProcessor(hosts.processor(kind), model)
+        batch = processor(images=images(1), questions=[["what is this ?", "red", "blue"]])
+        assert (batch["input_ids"] == IMAGE_TOKEN_ID).sum() == adapter.image_prefix + 3 + 2
+        with torch.no_grad():
+            assert model(**batch).logits.shape[:2] == batch["input_ids"].shape

@@ -1,0 +1,199 @@
+"""qfusion.adapters.blip2 on tiny random BLIP-2 (OPT) and InstructBLIP (Llama) checkpoints."""
+
+import pytest
+import torch
+from conftest_hosts import IMAGE_TOKEN_ID, capture_llm_inputs, fusion_config, greedy, hosts, images  # noqa: F401
+
+import qfusion
+from qfusion import QFusionProcessor, QuestionFusion
+from qfusion.adapters import FusionCache
+from qfusion.adapters.base import split_questions
+
+CASES = [("blip-2", "replace"), ("blip-2", "augment"), ("instructblip", "replace"), ("instructblip", "augment")]
+
+CONVERSATION = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "a dog ."}]},
+    {"role": "user", "content": [{"type": "text", "text": "how many are there ?"}]},
+]
+
+
+def attached(hosts, kind, mode, seed=0):
+    model = hosts.model(kind)
+    torch.manual_seed(seed)
+    adapter = qfusion.attach(model, fusion_config(), mode=mode)
+    return model, adapter, QFusionProcessor(hosts.processor(kind), model)
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+def test_forward_loss_backward_and_the_llm_input(hosts, kind, mode):
+    model, adapter, processor = attached(hosts, kind, mode)
+    prefix = model.config.num_query_tokens if mode == "augment" else 0
+    assert adapter.image_prefix == prefix
+    assert adapter.fusion.config.output_dim == model.config.qformer_config.hidden_size
+    batch = processor(images=images(2), questions=[["what is this ?", "how many", "red"], "what color is it ?"],
+                      padding_side="left")
+    records, handle = capture_llm_inputs(model.language_model)
+    out = model(**batch, labels=batch["input_ids"])
+    handle.remove()
+    out.loss.backward()
+    assert all(name.startswith("qfusion.") for name, p in model.named_parameters() if p.grad is not None)
+    assert model.qfusion.codebook.weight.grad.abs().sum() > 0
+
+    text = model.get_input_embeddings()(batch["input_ids"])
+    positions = (records[-1] != text).any(-1)
+    assert positions.sum(-1).tolist() == [prefix + adapter.m + 2 * adapter.n, prefix + adapter.m]
+    assert torch.equal(positions, batch["input_ids"] == IMAGE_TOKEN_ID)
+    with torch.no_grad():
+        vision = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+        questions = split_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 2)
+        tokens = adapter.fusion(list(vision), questions).tokens
+        if mode == "augment":
+            extra = {"qformer_input_ids": batch["qformer_input_ids"],
+                     "qformer_attention_mask": batch["qformer_attention_mask"]} if kind == "instructblip" else {}
+            host = model.get_image_features(batch["pixel_values"], return_dict=True, **extra).pooler_output
+    for b in range(2):
+        spliced = records[-1][b][positions[b]]
+        fused = model.language_projection(torch.cat(tokens[b]))
+        if mode == "augment":
+            torch.testing.assert_close(spliced[:prefix], host[b], rtol=0, atol=0)
+        torch.testing.assert_close(spliced[prefix:], fused, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,mode", CASES)
+def test_generate_equals_hand_written_greedy_loop(hosts, kind, mode):
+    model, _, processor = attached(hosts, kind, mode)
+    inputs = processor(images=images(1), conversations=[CONVERSATION])
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    reference = greedy(model, inputs, 5)
+    assert torch.equal(generated, reference[:, : generated.shape[1]])
+
+
+@pytest.mark.parametrize("kind", ["blip-2", "instructblip"])
+def test_batched_left_padding_equals_one_at_a_time(hosts, kind):
+    model, _, processor = attached(hosts, kind, "augment")
+    samples = [(images(1, seed=1), ["what is this ?", "how many"]), (images(1, seed=2), ["red"])]
+    batch = processor(images=[s[0][0] for s in samples], questions=[s[1] for s in samples], padding_side="left")
+    together = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    width = batch["input_ids"].shape[1]
+    for b, (image, questions) in enumerate(samples):
+        alone = processor(images=image, questions=[questions])
+        generated = model.generate(**alone, max_new_tokens=4, do_sample=False)
+        assert torch.equal(generated[0, alone["input_ids"].shape[1]:], together[b, width:])
+
+
+@pytest.mark.parametrize("kind", ["blip-2", "instructblip"])
+def test_detach_restores_the_host_exactly(hosts, kind):
+    model = hosts.model(kind)
+    host_inputs = hosts.processor(kind)(images=images(1), text=["what is this ?"], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**host_inputs).logits
+        generated = model.generate(**host_inputs, max_new_tokens=3, do_sample=False)
+    attributes = set(model.__dict__)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    qfusion.attach(model, fusion_config(), mode="augment")
+    qfusion.detach(model)
+    with torch.no_grad():
+        assert torch.equal(model(**host_inputs).logits, before)
+        assert torch.equal(model.generate(**host_inputs, max_new_tokens=3, do_sample=False), generated)
+    assert set(model.__dict__) == attributes
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("kind,mode", [("blip-2", "replace"), ("instructblip", "augment")])
+def test_mm_encoder_outputs_path_and_attach_give_identical_logits(hosts, kind, mode):
+    model, adapter, processor = attached(hosts, kind, mode)
+    batch = processor(images=images(2), questions=[["what is this ?", "how many"], "red"], padding_side="left")
+    extra = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
+    with torch.no_grad():
+        precomputed = adapter.encoder_outputs(
+            input_ids=batch["input_ids"], inputs_embeds=None, pixel_values=batch["pixel_values"],
+            interpolate_pos_encoding=False, qformer_input_ids=extra.get("qformer_input_ids"),
+            qformer_attention_mask=extra.get("qformer_attention_mask"), qfusion_input_ids=batch["qfusion_input_ids"],
+            qfusion_attention_mask=batch["qfusion_attention_mask"], qfusion_cache=None)
+        with_plugin = model(**batch).logits
+        fusion = qfusion.detach(model)
+        assert isinstance(fusion, QuestionFusion)
+        zero_patch = model(pixel_values=None, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           mm_encoder_outputs=precomputed, **extra).logits
+    assert torch.equal(zero_patch, with_plugin)
+
+
+@pytest.mark.parametrize("kind", ["blip-2", "instructblip"])
+def test_save_then_attach_round_trip_is_bit_exact(hosts, kind, tmp_path):
+    model, adapter, processor = attached(hosts, kind, "augment")
+    batch = processor(images=images(1), conversations=[CONVERSATION[:2]], return_labels=True)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**batch).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        trained = model(**batch).logits
+    plugin = adapter.save_pretrained(tmp_path / "plugin")
+    fresh = hosts.model(kind)
+    restored = qfusion.attach(fresh, plugin)
+    assert restored.settings.mode == "augment"
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, trained)
+
+
+def test_too_few_placeholders_raise_instead_of_misplacing_features(hosts):
+    model, _, processor = attached(hosts, "blip-2", "replace")
+    batch = dict(processor(images=images(1), questions=[["what is this ?", "red"]]))
+    ids = batch["input_ids"].clone()
+    ids[0, (ids[0] == IMAGE_TOKEN_ID).nonzero()[0]] = 10  # one placeholder fewer
+    for call in (model, model.generate):
+        with pytest.raises(ValueError, match=r"runs \[3, 2\] \(total 5\), expected \[4, 2\] \(total 6\)"):
+            call(**{**batch, "input_ids": ids})
+    with pytest.raises(ValueError, match="input_ids: required"):
+        model.generate(**{**batch, "input_ids": None})
+
+
+def test_encoder_decoder_host_is_not_supported_yet(hosts):
+    from transformers import Blip2ForConditionalGeneration
+
+    model = Blip2ForConditionalGeneration.from_pretrained(hosts.directory("blip-2-t5"))
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        qfusion.attach(model, fusion_config())
+    assert "forward" not in model.__dict__ and not hasattr(model, "qfusion")
+
+
+def test_follow_up_reuses_the_cached_vision_and_qformer_outputs(hosts):
+    model, _, processor = attached(hosts, "instructblip", "augment")
+    calls = []
+    handle = model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    cache = FusionCache()
+    image = images(1)
+    model.generate(**processor(images=image, conversations=[CONVERSATION[:1]]), max_new_tokens=3,
+                   do_sample=False, qfusion_cache=cache)
+    turn2 = processor(images=image, conversations=[CONVERSATION])
+    cached = model.generate(**turn2, max_new_tokens=3, do_sample=False, qfusion_cache=cache)
+    assert len(calls) == 1 and cache.hits == 1
+    handle.remove()
+    assert torch.equal(cached, model.generate(**turn2, max_new_tokens=3, do_sample=False))
+
+
+def test_lora_targets_only_the_language_model(hosts):
+    from peft import get_peft_model
+
+    model, _, processor = attached(hosts, "blip-2", "replace")
+    peft_model = get_peft_model(model, qfusion.lora_config(model, target_modules=["q_proj", "v_proj"]))
+    lora = [name for name, _ in peft_model.named_parameters() if "lora_" in name]
+    assert lora and all(".language_model." in name for name in lora)
+    batch = processor(images=images(1), conversations=[CONVERSATION[:2]], return_labels=True)
+    peft_model(**batch).loss.backward()
+    grads = [name for name, p in peft_model.named_parameters() if p.grad is not None]
+    assert any("qfusion.modules_to_save" in name for name in grads) and any("lora_" in name for name in grads)
+    assert all("lora_" in name or "qfusion.modules_to_save" in name for name in grads)
+
+
+def test_bad_options_raise_clearly(hosts):
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        qfusion.attach(hosts.model("blip-2"), fusion_config(), mode="concat")
+    with pytest.raises(ValueError, match="vision_source"):
+        qfusion.attach(hosts.model("blip-2"), fusion_config(), vision_source="projector")
+    with pytest.raises(ValueError, match="hd"):
+        qfusion.attach(hosts.model("instructblip"), fusion_config(), hd=(2, 2))
+    model, _, processor = attached(hosts, "instructblip", "augment")
+    batch = dict(processor(images=images(1), questions="what is this ?"))
+    with pytest.raises(ValueError, match="qformer_input_ids: required"):
+        model(**{**batch, "qformer_input_ids": None})
