@@ -1,12 +1,10 @@
 """qfusion.adapters (dispatch, the shared base, FusionCache) and the README's adapter sections."""
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 from conftest_hosts import IMAGE_TOKEN_ID, fusion_config, hosts, images  # noqa: F401
 from PIL import Image
+from readme_blocks import python_blocks
 from torch import nn
 
 import qfusion
@@ -14,27 +12,16 @@ from qfusion import QFusionProcessor, QuestionFusion
 from qfusion.adapters import ADAPTERS, FusionCache, get_adapter
 from qfusion.adapters.base import active_module, check_placeholders, placeholder_runs, split_questions
 
-ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("Wrap a LLaVA checkpoint", "Wrap BLIP-2 / InstructBLIP")
 CHECKPOINTS = {"llava-hf/llava-1.5-7b-hf": "llava", "Salesforce/blip2-opt-2.7b": "blip-2",
                "Salesforce/instructblip-vicuna-7b": "instructblip"}
-
-
-def section_blocks(title: str) -> list[str]:
-    """The ```python blocks of a '## title' section: from README.md once it has it, else docs_snippets/adapters.md."""
-    pattern = rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)"
-    for path in (ROOT / "README.md", ROOT / "docs_snippets" / "adapters.md"):
-        match = re.search(pattern, path.read_text(), flags=re.S | re.M) if path.exists() else None
-        if match:
-            return re.findall(r"```python\n(.*?)```", match.group(1), flags=re.S)
-    raise AssertionError(f"no section {title!r} in README.md or docs_snippets/adapters.md")
 
 
 @pytest.mark.parametrize("title", SECTIONS)
 def test_readme_adapter_sections_run_as_written(hosts, title, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Image.fromarray(images(1, size=(60, 80))[0]).save("photo.jpg")
-    blocks = section_blocks(title)
+    blocks = python_blocks(title)
     assert blocks
     namespace: dict = {}
     torch.manual_seed(0)

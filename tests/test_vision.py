@@ -1,16 +1,14 @@
-import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from readme_blocks import python_blocks
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from qfusion import FusionConfig, QuestionFusion
 from qfusion.vision import HDFrontEnd, LocalMerge, encode_views, hd_views
 
-ROOT = Path(__file__).resolve().parents[1]
 SECTION = "High-resolution front-end"
 
 
@@ -262,19 +260,10 @@ def test_clip_tower_front_end_and_fusion_end_to_end(clip_tower):
 
 # ---------------------------------------------------------------- documentation
 
-def section_blocks(path: Path) -> list[str]:
-    text = path.read_text()
-    match = re.search(rf"^## {re.escape(SECTION)}\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
-    if match is None:
-        pytest.skip(f"{path.name} has no section {SECTION!r}")
-    return re.findall(r"```python\n(.*?)```", match.group(1), flags=re.S)
-
-
-@pytest.mark.parametrize("doc", ["docs_snippets/vision.md", "README.md"])
-def test_high_resolution_section_runs_and_prints_what_it_says(doc, capsys):
-    blocks = section_blocks(ROOT / doc)
-    assert blocks, f"{doc}: section {SECTION!r} has no python code"
+def test_high_resolution_section_runs_and_prints_what_it_says(capsys):
+    blocks = python_blocks(SECTION)
+    assert blocks, f"README: section {SECTION!r} has no python code"
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, f"{doc} ({SECTION})", "exec"), namespace)
+        exec(compile(block, f"README.md ({SECTION})", "exec"), namespace)
     assert capsys.readouterr().out.splitlines() == ["(10, 3, 56, 56) (10, 16, 64)", "(50, 64) (16, 96)", "1450"]
