@@ -1,0 +1,36 @@
+"""The demo's budgets: steps, batch sizes and seeds of the full run and of the quick (CI) run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every number that sets how long the demo trains and how much it evaluates.
+
+    Both compressors (question fused and not) get the same steps, batches and budgets.
+    """
+
+    seeds: tuple[int, ...]
+    encoder_steps: int  # single-digit pre-training of the cell encoder (full batch)
+    lm_steps: int  # the reader LM, on uncompressed cell tokens
+    lm_grids: int  # grids per LM step
+    lm_questions: int  # questions per grid in an LM step
+    stage1_steps: int  # compressor stage 1: contrastive + identity
+    stage2_steps: int  # compressor stage 2: generation through the frozen LM
+    grids: int  # grids per compressor step
+    questions: int  # questions per grid in a compressor step (the m/n layout)
+    test_grids: int  # fixed test grids, from the unseen handwriting pool
+    test_questions: int  # questions per test grid
+    budgets: tuple[int, ...] = (1, 2, 4, 8, 16)  # N, drawn at random per step (nested slots)
+    lm_lr: float = 3e-3
+    fusion_lr: float = 1e-3
+    workers: int = 2
+
+
+FULL = Recipe(seeds=(0, 1, 2), encoder_steps=300, lm_steps=1500, lm_grids=32, lm_questions=2,
+              stage1_steps=400, stage2_steps=400, grids=32, questions=4, test_grids=1000, test_questions=4)
+
+QUICK = Recipe(seeds=(0,), encoder_steps=300, lm_steps=600, lm_grids=32, lm_questions=2,
+               stage1_steps=150, stage2_steps=100, grids=32, questions=4, test_grids=200, test_questions=4)
