@@ -30,7 +30,7 @@ class Recipe:
 
 
 FULL = Recipe(seeds=(0, 1, 2), encoder_steps=300, lm_steps=1500, lm_grids=32, lm_questions=2,
-              stage1_steps=400, stage2_steps=400, grids=32, questions=4, test_grids=1000, test_questions=4)
+              stage1_steps=1200, stage2_steps=300, grids=32, questions=4, test_grids=1000, test_questions=4)
 
 QUICK = Recipe(seeds=(0,), encoder_steps=300, lm_steps=600, lm_grids=32, lm_questions=2,
                stage1_steps=150, stage2_steps=100, grids=32, questions=4, test_grids=200, test_questions=4)
