@@ -203,7 +203,7 @@ class Collator:
         return inputs
 
 
-def build(cfg: TrainConfig, accelerator: Accelerator):
+def build(cfg: TrainConfig):
     """Host with the plugin attached (+ LoRA), the processor, and for align the answer encoder."""
     model = AutoModelForImageTextToText.from_pretrained(cfg.model)
     host_processor = AutoProcessor.from_pretrained(cfg.model)
@@ -256,7 +256,7 @@ def train(cfg: TrainConfig) -> dict:
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
     set_seed(cfg.seed)
-    model, adapter, processor, encoder = build(cfg, accelerator)
+    model, adapter, processor, encoder = build(cfg)
     dataset = ConversationDataset(cfg.data, cfg.image_root)
     if cfg.stage == "sweep":
         count = max(1, int(len(dataset) * cfg.sweep_fraction))

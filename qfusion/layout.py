@@ -69,6 +69,18 @@ class AttentionMeta:
     cu_seqlens: Tensor
     max_seqlen: int
 
+    @classmethod
+    def from_lists(cls, kind, group, order, lengths, device=None) -> "AttentionMeta":
+        """Metadata from per-token Python lists (samples back to back) and each sample's token count."""
+        cu = [0]
+        for length in lengths:
+            cu.append(cu[-1] + length)
+
+        def t(values):
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        return cls(t(kind), t(group), t(order), t(cu), max(lengths, default=0))
+
     @property
     def num_samples(self) -> int:
         return self.cu_seqlens.numel() - 1
@@ -230,14 +242,11 @@ def pack(
         sample += [b] * cursor
         cu_seqlens.append(start + cursor)
 
-    def t(values):
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
     def idx(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    lengths_all = [e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
-    meta = AttentionMeta(t(kind), t(group), t(order), t(cu_seqlens), max(lengths_all))
+    lengths = [end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    meta = AttentionMeta.from_lists(kind, group, order, lengths, device)
     return PackedLayout(
         meta=meta,
         position=idx(position),

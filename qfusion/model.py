@@ -144,17 +144,6 @@ class FusionState:
         return len(self.groups)
 
 
-def _meta(kind, group, order, lengths, device) -> AttentionMeta:
-    cu = [0]
-    for length in lengths:
-        cu.append(cu[-1] + length)
-
-    def t(values):
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    return AttentionMeta(t(kind), t(group), t(order), t(cu), max(lengths, default=0))
-
-
 class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
                      tags=["qfusion", "vision-token-compression"]):
     """Question-aware compressor of a VLM's vision tokens into m (then n) fused tokens per question.
@@ -386,7 +375,7 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
         kind = [VISION] * sum(lengths)
         group = [NO_GROUP] * sum(lengths)
         order = [i for length in lengths for i in range(length)]
-        meta = _meta(kind, group, order, lengths, self.device)
+        meta = AttentionMeta.from_lists(kind, group, order, lengths, self.device)
         h = self.vision_proj(torch.cat(vision))
         positions = torch.tensor(order, dtype=torch.long, device=self.device)
         _, kv = self._run_layers(h, positions, meta, meta)
@@ -442,7 +431,7 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
             if g == 0:
                 group0_end[b] = next_position[b]
         device = self.device
-        meta_q = _meta(kind, group, order, lengths, device)
+        meta_q = AttentionMeta.from_lists(kind, group, order, lengths, device)
         text_index = torch.tensor(text_local, dtype=torch.long, device=device)
         is_text = torch.zeros(len(kind), dtype=torch.bool, device=device)
         is_text[text_index] = True
@@ -464,9 +453,11 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
         keep_new = [(not grouped) or groups[b] == 1 for b in range(state.batch_size)]
         sample_k = meta_k.sample_ids()
         keep = ~from_new | torch.tensor(keep_new, device=device)[sample_k]
-        kept_lengths = torch.bincount(sample_k[keep], minlength=state.batch_size).tolist()
-        kept_meta = _meta(meta_k.kind[keep].tolist(), meta_k.group[keep].tolist(), meta_k.order[keep].tolist(),
-                          kept_lengths, device)
+        kept_lengths = torch.bincount(sample_k[keep], minlength=state.batch_size)
+        kept_cu = torch.zeros(state.batch_size + 1, dtype=torch.int32, device=device)
+        kept_cu[1:] = kept_lengths.cumsum(0)
+        kept_meta = AttentionMeta(meta_k.kind[keep], meta_k.group[keep], meta_k.order[keep], kept_cu,
+                                  int(kept_lengths.max()))
         new_state = FusionState(state.owner, state.m, state.n, [(k[keep], v[keep]) for k, v in kv], kept_meta,
                                 groups, next_order, next_position, group0_end)
         return tokens, new_state

@@ -22,7 +22,6 @@ and a registered autograd formula, so ``torch.compile`` traces through them.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from typing import NamedTuple
 
@@ -525,7 +524,7 @@ def default_blocks(head_dim: int, dtype: torch.dtype, *, interpreter: bool = Fal
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: AttentionMeta,
               policy: str, block_m: int, block_n: int) -> None:
-    from qfusion.ops.attention import _check_inputs
+    from qfusion.ops.attention import _check_inputs, _triton_usable
 
     _policy_code(policy)
     _check_inputs(q, k, v, meta_q, meta_k)
@@ -534,8 +533,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: At
             raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {x.dtype}")
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"q: expected a head dim between 1 and {MAX_HEAD_DIM}, got {q.shape[-1]}")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"q: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1, got device {q.device}")
+    reason = _triton_usable(q)
+    if reason is not None:
+        raise RuntimeError(f"q: {reason}, got device {q.device}")
     for side, meta in (("meta_q", meta_q), ("meta_k", meta_k)):
         for field in ("kind", "group", "order", "cu_seqlens"):
             t = getattr(meta, field)
