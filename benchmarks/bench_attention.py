@@ -272,13 +272,16 @@ def make_inputs(case: Case, device, dtype):
 
 
 def measure_case(case: Case, impls, device, dtype, measure) -> list[dict]:
-    from qfusion.ops.triton_attention import default_blocks, tile_stats
+    from qfusion.ops.kernel_configs import select_config
+    from qfusion.ops.triton_attention import tile_stats
 
     meta, q, k, v = make_inputs(case, device, dtype)
     pairs = visible_pairs(meta, case.policy)
     flops_fwd = 4 * case.head_dim * case.heads * pairs
-    # The tiles the GPU kernel would run for this layout (its bfloat16 tile sizes).
-    tiles = tile_stats(meta, meta, case.policy, *default_blocks(case.head_dim, torch.bfloat16))
+    # The tiles the GPU kernel's forward would run for this layout (this device's, else sm_90's, bfloat16 config).
+    capability = torch.cuda.get_device_capability() if device == "cuda" else (9, 0)
+    fwd = select_config(capability, torch.bfloat16, case.head_dim).fwd
+    tiles = tile_stats(meta, meta, case.policy, fwd.block_m, fwd.block_n)
     reference = math_reference(case, q, k, v, meta)
     rows = []
     for name, (fn, inputs, unpad) in runners(case, impls, q, k, v, meta, device).items():

@@ -155,3 +155,51 @@ def test_fusion_attention_rejects_bad_input():
 def test_auto_resolves_to_sdpa_on_cpu():
     q = torch.zeros(1, 1, 2)
     assert attention_module.resolve_impl("auto", q, needs_grad=True) == "sdpa"
+
+
+def test_auto_picks_triton_only_where_validated(monkeypatch):
+    choose = attention_module.auto_impl
+    assert choose((9, 0), torch.bfloat16, triton_usable=True, flex_available=True) == "flex"
+    assert choose((8, 0), torch.float16, triton_usable=True, flex_available=False) == "sdpa"
+    monkeypatch.setattr(attention_module, "VALIDATED_TRITON", frozenset({((9, 0), torch.bfloat16)}))
+    assert choose((9, 0), torch.bfloat16, triton_usable=True, flex_available=True) == "triton"
+    assert choose((9, 0), torch.float16, triton_usable=True, flex_available=True) == "flex"
+    assert choose((9, 0), torch.bfloat16, triton_usable=False, flex_available=True) == "flex"
+    assert choose(None, torch.bfloat16, triton_usable=True, flex_available=True) == "sdpa"
+
+
+def empty_side_metas(empty: str):
+    """Two samples where the queries (``empty="q"``) or the keys (``empty="k"``) have no token at all."""
+    layout = ragged_layout("causal")
+    none = AttentionMeta(*(torch.zeros(0, dtype=torch.int32) for _ in range(3)),
+                         torch.zeros(layout.meta.num_samples + 1, dtype=torch.int32), 0)
+    return (none, layout.meta) if empty == "q" else (layout.meta, none)
+
+
+@pytest.mark.parametrize("empty", ["q", "k", "both"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_flex_with_an_empty_side_returns_what_eager_returns(policy, empty):
+    if empty == "both":  # e.g. `start` with every vision length 0
+        meta_q = meta_k = AttentionMeta.from_lists([], [], [], [0, 0, 0])
+    else:
+        meta_q, meta_k = empty_side_metas(empty)
+    q, k, v = random_qkv(meta_q.num_tokens, meta_k.num_tokens, dtype=torch.float32, seed=4)
+    with torch.no_grad():
+        want = fusion_attention(q, k, v, meta_q, meta_k, policy=policy, impl="eager")
+        got = fusion_attention(q, k, v, meta_q, meta_k, policy=policy, impl="flex")
+    assert got.shape == want.shape == q.shape
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_eager_half_stays_finite_at_large_logits(dtype):
+    # logits ~ 1e5 overflow float16 (max 65504); the reference computes half inputs in float32
+    layout = ragged_layout("prefix")
+    q, k, v = random_qkv(layout.num_tokens, layout.num_tokens, dtype=torch.float64, seed=5)
+    q, k = q.detach() * 300, k.detach() * 300
+    got = fusion_attention(q.to(dtype), k.to(dtype), v.detach().to(dtype), layout.meta, layout.meta,
+                           policy="prefix", impl="eager")
+    want = fusion_attention(q.to(dtype).double(), k.to(dtype).double(), v.detach().to(dtype).double(),
+                            layout.meta, layout.meta, policy="prefix", impl="eager")
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2 * torch.finfo(dtype).eps * want.abs().max().item())

@@ -7,6 +7,7 @@ tiles. Tolerance, the flash-attention rule: the kernel's max error against float
 max(2 x the error of PyTorch's own attention in the same dtype, a small absolute floor).
 """
 
+import dataclasses
 import math
 import os
 
@@ -25,8 +26,9 @@ from hypothesis import strategies as st  # noqa: E402
 from qfusion.layout import QUERY, TEXT, VISION, AttentionMeta, dense_mask, mask_rule, pack  # noqa: E402
 from qfusion.ops import fusion_attention  # noqa: E402
 from qfusion.ops.attention import eager_attention  # noqa: E402
+from qfusion.ops.kernel_configs import KernelConfig, PassConfig  # noqa: E402
 from qfusion.ops.triton_attention import (  # noqa: E402
-    POLICY_CODES, _mask_rule, tile_plan, tile_stats, triton_fusion_attention,
+    FULL, POLICY_CODES, SKIP, _mask_rule, build_plan, tile_classes, tile_lists, tile_stats, triton_fusion_attention,
 )
 
 POLICIES = ["causal", "prefix", "grouped"]
@@ -87,13 +89,16 @@ def output_and_grads(fn, q, k, v, grad_out, dtype):
     return (out, *torch.autograd.grad(out, xs, grad_out.to(DEVICE, dtype)))
 
 
-def assert_flash_close(meta_q, meta_k, policy, dtype, *, heads=2, dim=32, seed=0, block_m=16, block_n=16):
+def assert_flash_close(meta_q, meta_k, policy, dtype, *, heads=2, dim=32, seed=0, block_m=16, block_n=16,
+                       config=None):
     """Kernel output and gradients vs float64, within 2x PyTorch's own error in ``dtype``."""
     meta_q, meta_k = to_device(meta_q), to_device(meta_k)
     q, k, v, grad_out = random_inputs(meta_q.num_tokens, meta_k.num_tokens, heads, dim, seed)
     scale = 1 / math.sqrt(dim)
 
     def kernel(q, k, v):
+        if config is not None:
+            return triton_fusion_attention(q, k, v, meta_q, meta_k, policy=policy, config=config)
         return triton_fusion_attention(q, k, v, meta_q, meta_k, policy=policy, block_m=block_m, block_n=block_n)
 
     def reference(q, k, v):
@@ -131,6 +136,37 @@ def test_output_and_gradients_match_float64_reference(policy, layout_name, dtype
     spec, (block_m, block_n) = LAYOUTS[layout_name]
     layout = pack(**spec, policy=policy)
     assert_flash_close(layout.meta, layout.meta, policy, dtype, block_m=block_m, block_n=block_n)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_each_pass_with_its_own_tile_sizes_matches_reference(policy):
+    # forward, dK/dV and dQ with three different tilings: each pass reads its own tile lists
+    config = KernelConfig(PassConfig(32, 16), PassConfig(16, 32), PassConfig(16, 16))
+    layout = pack([37, 20, 5], [[1, 5], [3], [1, 1, 2]], m=5, n=3, policy=policy)
+    assert_flash_close(layout.meta, layout.meta, policy, torch.float16, config=config, seed=11)
+
+
+def test_large_logits_stay_finite_and_match_reference_float16():
+    # scores of ~1e3: a half-precision softmax would overflow; the kernel's is float32
+    layout = pack([30], [[4, 3]], m=4, n=2, policy="prefix")
+    meta = to_device(layout.meta)
+    q, k, v, _ = random_inputs(layout.num_tokens, layout.num_tokens, 1, 16, seed=12)
+    q, k = q * 40, k * 40
+    got = triton_fusion_attention(*(x.to(DEVICE, torch.float16) for x in (q, k, v)), meta, meta, policy="prefix")
+    want = eager_attention(q, k, v, meta, meta, "prefix", 0.25)
+    assert torch.isfinite(got).all()
+    own = eager_attention(*(x.to(DEVICE, torch.float16) for x in (q, k, v)), meta, meta, "prefix", 0.25)
+    assert (got.double() - want).abs().max() <= max(2 * (own.double() - want).abs().max().item(), 1e-2)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter refuses bfloat16; a GPU runs it")
+def test_bfloat16_under_the_interpreter_is_refused_naming_the_reason():
+    layout = pack([5], [[2]], m=2, n=1)
+    q = torch.randn(layout.num_tokens, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="q: bfloat16 is not supported under the Triton interpreter"):
+        triton_fusion_attention(q, q, q, layout.meta, layout.meta, policy="causal")
+    with pytest.raises(TypeError, match="TRITON_INTERPRET=1"):
+        fusion_attention(q, q, q, layout.meta, layout.meta, policy="causal", impl="triton")
 
 
 @pytest.mark.parametrize("dim", [16, 40, 64])
@@ -252,14 +288,22 @@ def test_jitted_rule_twin_equals_mask_rule(policy):
 
 
 def assert_tile_plan_sound(meta_q, meta_k, policy, block_m, block_n):
-    """No skipped tile holds a visible pair; every full tile shows all its pairs."""
-    for b, (skip, full) in enumerate(tile_plan(meta_q, meta_k, policy, block_m, block_n)):
+    """No skipped tile holds a visible pair; every full tile is complete and shows all its pairs;
+    the lists hold exactly the full / partial tiles of each row, in increasing order."""
+    classes = tile_classes(meta_q, meta_k, policy, block_m, block_n)
+    lists = tile_lists(classes)
+    for b in range(meta_q.num_samples):
         mask = dense_mask(policy, meta_q, meta_k, b)
-        for i in range(skip.shape[0]):
-            for j in range(skip.shape[1]):
+        for i in range(classes.shape[1]):
+            for j in range(classes.shape[2]):
                 tile = mask[i * block_m : (i + 1) * block_m, j * block_n : (j + 1) * block_n]
-                assert not (skip[i, j] and tile.any()), f"sample {b} tile ({i}, {j}) skipped with visible pairs"
-                assert not (full[i, j] and not tile.all()), f"sample {b} tile ({i}, {j}) unmasked with hidden pairs"
+                c = classes[b, i, j]
+                assert not (c == SKIP and tile.any()), f"sample {b} tile ({i}, {j}) skipped with visible pairs"
+                if c == FULL:
+                    assert tile.shape == (block_m, block_n) and tile.all(), f"sample {b} tile ({i}, {j}) not full"
+            for count, indices, cls in ((lists.full_num, lists.full_idx, FULL), (lists.part_num, lists.part_idx, 1)):
+                listed = indices[b, i, : count[b, i]].tolist()
+                assert listed == (classes[b, i] == cls).nonzero().flatten().tolist()
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -283,6 +327,18 @@ def test_tile_skipping_never_hides_a_visible_pair_on_random_layouts(policy, data
     assert_tile_plan_sound(layout.meta, layout.meta, policy, block_m, block_n)
 
 
+def test_transposed_lists_of_the_backward_hold_the_same_pairs():
+    layout = pack([37, 130], [[1, 20, 17], [3]], m=20, n=9, policy="grouped")
+    config = KernelConfig(PassConfig(32, 16), PassConfig(16, 32), PassConfig(64, 16))
+    plan = build_plan(layout.meta, layout.meta, "grouped", config)
+    by_key = tile_classes(layout.meta, layout.meta, "grouped", 16, 32).transpose(1, 2)
+    for got, cls in ((plan.dkdv.full_num, FULL), (plan.dkdv.part_num, 1)):
+        assert torch.equal(got, (by_key == cls).sum(-1, dtype=torch.int32))
+    by_query = tile_classes(layout.meta, layout.meta, "grouped", 64, 16)
+    assert torch.equal(plan.dq.part_num, (by_query == 1).sum(-1, dtype=torch.int32))
+    assert layout.meta.max_seqlen == 153 and plan.fwd.full_idx.shape[1:] == (5, 10)  # ceil(153/32), ceil(153/16)
+
+
 def test_tile_skipping_is_exact_for_plain_causal():
     meta = pack([255], [[0]], m=1, n=1, policy="causal").meta  # 256 tokens, 16 tiles of 16
     # executed: the lower triangle with its diagonal; unmasked: strictly below the diagonal
@@ -291,34 +347,34 @@ def test_tile_skipping_is_exact_for_plain_causal():
 
 def test_grouped_skips_other_groups_and_prefix_keeps_vision_tiles():
     layout = pack([64], [[16, 16, 16]], m=16, n=16, policy="grouped")  # tiles: 4 vision, then 2 per group
-    skip, _ = tile_plan(layout.meta, layout.meta, "grouped", 16, 16)[0]
-    assert skip[8:10, 6:8].all()  # group 2 does not see group 1
-    assert not skip[8:10, :6].any()  # ... but sees vision and group 0
-    skip, full = tile_plan(layout.meta, layout.meta, "prefix", 16, 16)[0]
-    assert not skip[:4, :4].any() and full[:4, :4].all()  # vision sees all vision, unmasked
+    classes = tile_classes(layout.meta, layout.meta, "grouped", 16, 16)[0]
+    assert (classes[8:10, 6:8] == SKIP).all()  # group 2 does not see group 1
+    assert (classes[8:10, :6] != SKIP).all()  # ... but sees vision and group 0
+    classes = tile_classes(layout.meta, layout.meta, "prefix", 16, 16)[0]
+    assert (classes[:4, :4] == FULL).all()  # vision sees all vision, unmasked
 
 
 # -------------------------------------------------------------------- custom op and compile
 
 
 def op_arguments(policy="prefix", requires_grad=True):
-    from qfusion.ops.triton_attention import _kernel_meta
-
     layout = pack([11, 4], [[2, 1], [3]], m=3, n=2, policy=policy)
     meta = to_device(layout.meta)
-    stacked, tiles = _kernel_meta(meta, 16)
+    stacked = torch.stack([meta.kind, meta.group, meta.order])
+    config = KernelConfig.uniform(16, 16)
+    plan = build_plan(meta, meta, policy, config).tensors()
     q, k, v, _ = random_inputs(layout.num_tokens, layout.num_tokens, 1, 16, seed=6)
     q, k, v = (x.to(DEVICE, torch.float32).requires_grad_(requires_grad) for x in (q, k, v))
-    return meta, (q, k, v, stacked, meta.cu_seqlens, tiles, stacked, meta.cu_seqlens, tiles,
-                  policy, 0.25, 16, 16)
+    return meta, (q, k, v, stacked, meta.cu_seqlens, stacked, meta.cu_seqlens, plan, policy, 0.25,
+                  config.as_ints())
 
 
 def test_custom_ops_pass_opcheck():
     _, args = op_arguments()
     torch.library.opcheck(torch.ops.qfusion.fusion_attention_fwd.default, args)
-    q, k, v, *metas = args
+    q, k, v, *rest = args
     out, lse = torch.ops.qfusion.fusion_attention_fwd(*args)
-    backward_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, *metas)
+    backward_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, *rest)
     torch.library.opcheck(torch.ops.qfusion.fusion_attention_bwd.default, backward_args)
 
 
@@ -368,15 +424,15 @@ def test_question_fusion_with_triton_equals_eager(policy, monkeypatch):
     torch.manual_seed(0)
     config = FusionConfig(vision_dim=12, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                           codebook_size=16, m=4, n=2, output_dim=24, text_vocab_size=50, mask=policy)
-    fusion = QuestionFusion(config).to(DEVICE)
+    weights = QuestionFusion(config).state_dict()
     gen = torch.Generator().manual_seed(7)
     vision = [torch.randn(21, 12, generator=gen).to(DEVICE), torch.randn(9, 12, generator=gen).to(DEVICE)]
     questions = [[torch.tensor([1, 2, 3]), torch.tensor([4])], [torch.tensor([5, 6])]]
     follow_up = [torch.tensor([7, 8]).to(DEVICE), None]
     results = {}
     for impl in ("triton", "eager"):
-        fusion.config.attn_impl = impl
-        fusion.zero_grad()
+        fusion = QuestionFusion(dataclasses.replace(config, attn_impl=impl)).to(DEVICE)
+        fusion.load_state_dict(weights)
         out = fusion(vision, [[q.to(DEVICE) for q in sample] for sample in questions])
         _, state = fusion.ask(fusion.start(vision), [sample[0].to(DEVICE) for sample in questions])
         asked, _ = fusion.ask(state, follow_up)

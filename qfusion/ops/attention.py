@@ -2,16 +2,19 @@
 
 ``fusion_attention`` dispatches to an implementation chosen by name:
 
-* ``eager``: the reference. Loops over samples, materialises each sample's mask from the rule,
-  softmax in the input dtype (float64 works). Readable, slow.
+* ``eager``: the reference. Loops over samples, materialises each sample's mask from the rule;
+  scores and softmax in float32 for half inputs (else in the input dtype: float64 works).
+  Readable, slow.
 * ``sdpa``: ``scaled_dot_product_attention`` on a per-sample padded batch with a (B, 1, Lq, Lk)
   boolean mask (never one mask over the whole packed batch).
 * ``flex``: FlexAttention over the packed sequence with a ``BlockMask`` built from the rule
   (sample boundaries are part of the rule). On CPU it has no backward: with gradients needed it
   falls back to ``sdpa``.
 * ``triton``: the fused block-sparse kernel (:mod:`qfusion.ops.triton_attention`); needs CUDA or
-  the Triton interpreter (``TRITON_INTERPRET=1``).
-* ``auto``: ``triton`` on CUDA when Triton is importable, else ``flex`` on CUDA, else ``sdpa``.
+  the Triton interpreter (``TRITON_INTERPRET=1``, float32 / float16 only: the interpreter computes
+  bfloat16 dots wrongly, so bfloat16 there is refused).
+* ``auto``: ``triton`` on CUDA for the (device capability, dtype) pairs in
+  :data:`VALIDATED_TRITON` (checked on that hardware), else ``flex`` on CUDA, else ``sdpa``.
 
 A fast path that cannot run falls back to the next one with a one-time warning saying why. Query
 rows that see no key produce zeros (never NaN), with zero gradients.
@@ -33,6 +36,13 @@ from torch import Tensor
 from qfusion.layout import POLICIES, AttentionMeta, dense_mask, mask_rule
 
 IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex", "triton")
+
+VALIDATED_TRITON: frozenset[tuple[tuple[int, int], torch.dtype]] = frozenset()
+"""(CUDA capability, dtype) pairs where ``auto`` picks the Triton kernel: only those whose
+correctness and speed against the baselines were measured on such a device
+(``benchmarks/gpu_validate.py``, results in ``benchmarks/results/``). None yet."""
+
+_HALF = (torch.float16, torch.bfloat16)
 
 _warned: set[str] = set()
 
@@ -67,7 +77,14 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: AttentionMeta,
                     policy: str, scale: float) -> Tensor:
-    """Reference attention: one sample at a time with its mask materialised from the rule."""
+    """Reference attention: one sample at a time with its mask materialised from the rule.
+
+    Half inputs are computed in float32 and the result cast back: half scores overflow to inf
+    (and the softmax to NaN) at logits that float32 holds easily.
+    """
+    dtype = q.dtype
+    if dtype in _HALF:
+        q, k, v = q.float(), k.float(), v.float()
     out = []
     for b in range(meta_q.num_samples):
         qs, qe = (int(x) for x in meta_q.cu_seqlens[b : b + 2])
@@ -78,7 +95,7 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta
         seen = mask.any(dim=-1)  # rows that see at least one key
         probs = torch.softmax(scores.masked_fill(~seen[:, None], 0.0), dim=-1) * seen[:, None]
         out.append(torch.einsum("hqk,khd->qhd", probs, v[ks:ke]))
-    return torch.cat(out, dim=0) if out else q.new_zeros(q.shape)
+    return (torch.cat(out, dim=0) if out else q.new_zeros(q.shape)).to(dtype)
 
 
 def _local_index(meta: AttentionMeta) -> tuple[Tensor, Tensor]:
@@ -184,9 +201,28 @@ def _triton_usable(q: Tensor) -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed (pip install 'qfusion[triton]')"
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not interpreter_active():
         return "the Triton kernel needs a CUDA tensor or TRITON_INTERPRET=1"
     return None
+
+
+def interpreter_active() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def auto_impl(capability: tuple[int, int] | None, dtype: torch.dtype, *, triton_usable: bool,
+              flex_available: bool) -> str:
+    """What ``auto`` runs: capability is the CUDA device's (major, minor), None off CUDA."""
+    if capability is None:
+        return "sdpa"
+    if triton_usable and (tuple(capability), dtype) in VALIDATED_TRITON:
+        return "triton"
+    return "flex" if flex_available else "sdpa"
+
+
+def _flex_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def resolve_impl(impl: str, q: Tensor, needs_grad: bool) -> str:
@@ -194,16 +230,16 @@ def resolve_impl(impl: str, q: Tensor, needs_grad: bool) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl: expected one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        if q.is_cuda:
-            return "triton" if _triton_usable(q) is None else "flex"
-        return "sdpa"
+        capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+        return auto_impl(capability, q.dtype, triton_usable=capability is not None and _triton_usable(q) is None,
+                         flex_available=_flex_available())
     if impl == "triton":
         reason = _triton_usable(q)
         if reason is not None:
             _warn_once(f"triton:{reason}", f"fusion_attention: impl='triton' falls back to 'sdpa': {reason}")
             return "sdpa"
     if impl == "flex":
-        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        if not _flex_available():
             _warn_once("flex:missing", "fusion_attention: impl='flex' falls back to 'sdpa': "
                        "this torch has no FlexAttention")
             return "sdpa"
@@ -239,6 +275,10 @@ def fusion_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, met
     if chosen == "sdpa":
         return sdpa_attention(q, k, v, meta_q, meta_k, policy, scale)
     if chosen == "flex":
+        if q.shape[0] == 0 or k.shape[0] == 0:
+            # No (query, key) pair at all: FlexAttention cannot build a mask over an empty side,
+            # and the reference's answer (empty, or zeros) costs nothing.
+            return eager_attention(q, k, v, meta_q, meta_k, policy, scale)
         return flex_attention_packed(q, k, v, meta_q, meta_k, policy, scale)
     from qfusion.ops.triton_attention import triton_fusion_attention
 
