@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # resolving the other dependencies never pulls a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench clean test-floor
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,3 +34,19 @@ bench: $(VENV)/.dev-installed
 
 clean:
 	rm -rf $(VENV)
+
+# The floor job: the oldest supported host libraries (constraints/floor.txt pins pyproject's lower
+# bounds) in their own venv, under the tests that touch the host libraries.
+FLOOR_VENV ?= .venv-floor
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+FLOOR_TESTS := tests/test_versions.py tests/test_model.py tests/test_processor.py tests/test_adapters_common.py \
+	tests/test_llava_adapter.py tests/test_blip2_adapter.py tests/test_train_recipe.py tests/test_readme.py
+
+$(FLOOR_VENV)/.floor-installed: pyproject.toml constraints/floor.txt
+	python3 -m venv $(FLOOR_VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(FLOOR_PY) -m pip install "$(TORCH_CPU)"; fi
+	$(FLOOR_PY) -m pip install -c constraints/floor.txt -e ".[dev]"
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.floor-installed
+	$(FLOOR_PY) -m pytest -q -m "not slow" $(FLOOR_TESTS)
