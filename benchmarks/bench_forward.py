@@ -58,10 +58,10 @@ def main(argv=None) -> dict:
     rows = []
     with torch.inference_mode():
         for impl in args.impls.split(","):
-            fusion.config.attn_impl = impl
+            fusion.attn_impl = impl
             seconds = timed(lambda: fusion(vision, [[q] for q in q1]), args.repeats)
             rows.append({"case": f"forward, 1 question ({impl})", "seconds": seconds})
-        fusion.config.attn_impl = "sdpa"
+        fusion.attn_impl = "sdpa"
         both = timed(lambda: fusion(vision, [[a, b] for a, b in zip(q1, q2)]), args.repeats)
         state = fusion.start(vision)
         _, state = fusion.ask(state, q1)

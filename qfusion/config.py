@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from qfusion.layout import POLICIES
 from qfusion.ops.attention import IMPLEMENTATIONS
@@ -15,52 +16,93 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 
 
-def _help(text: str, default):
-    return field(default=default, metadata={"help": text})
+RUNTIME_FIELDS = ("attn_impl", "gradient_checkpointing")
+"""Fields chosen when a module is built or loaded, not part of its identity: never written to config.json."""
 
 
-@dataclass
+def _help(text: str, default, kind: type | tuple[type, ...] | None = None, optional: bool = False):
+    return field(default=default, metadata={"help": text, "kind": kind, "optional": optional})
+
+
+def _check_kind(name: str, value, kind, optional: bool) -> None:
+    """Type-check one field by kind: bool, int (not bool), finite float (int accepted), str."""
+    if value is None and optional:
+        return
+    if kind is bool:
+        ok = isinstance(value, bool)
+        expected = "a bool (True or False)"
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        expected = "an integer"
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        expected = "a finite number"
+    else:
+        ok = isinstance(value, kind)
+        expected = f"a {kind.__name__}"
+    if not ok:
+        suffix = " or None (from the host)" if optional else ""
+        raise TypeError(f"{name}: expected {expected}{suffix}, got {value!r} ({type(value).__name__})")
+
+
+@dataclass(frozen=True)
 class FusionConfig:
     """Settings of a QuestionFusion module (the defaults follow the paper's fusion: hidden 1024, 20 layers).
+
+    Immutable: derive a changed config with :meth:`replace`. ``vision_dim``, ``output_dim`` and
+    ``text_vocab_size`` default to ``None`` = "from the host": ``qfusion.attach`` fills them (a module
+    built on its own needs them set). ``m``/``n`` are the default budget; a call may use another
+    (``forward(..., m=, n=)``, the host's ``qfusion_budget``). ``attn_impl`` and
+    ``gradient_checkpointing`` are runtime choices, not saved with the weights.
 
     >>> cfg = FusionConfig(vision_dim=32, hidden_size=64, num_layers=2, num_heads=4,
     ...                    intermediate_size=128, codebook_size=16, m=8, n=2, output_dim=48)
     >>> FusionConfig.from_dict(cfg.to_dict()) == cfg
     True
+    >>> cfg.replace(m=4).m
+    4
     """
 
-    vision_dim: int = _help("Width of the vision tokens fed to the fusion (host vision tower output).", 1024)
-    hidden_size: int = _help("Width of the fusion transformer.", 1024)
-    num_layers: int = _help("Number of decoder layers of the fusion transformer.", 20)
-    num_heads: int = _help("Attention heads; must divide hidden_size.", 16)
-    intermediate_size: int = _help("Hidden width of the SwiGLU MLP.", 2816)
+    vision_dim: int | None = _help(
+        "Width of the vision tokens fed to the fusion (host vision features); None = from the host.", None, int,
+        optional=True)
+    hidden_size: int = _help("Width of the fusion transformer.", 1024, int)
+    num_layers: int = _help("Number of decoder layers of the fusion transformer.", 20, int)
+    num_heads: int = _help("Attention heads; must divide hidden_size.", 16, int)
+    intermediate_size: int = _help("Hidden width of the SwiGLU MLP.", 2816, int)
     codebook_size: int = _help(
         "Largest number of query slots allowed (m); the codebook holds codebook_size - 1 rows, the "
-        "last slot of every group is the shared <eos> embedding.", 768)
-    m: int = _help("Slots (fused tokens) for the first question of a sample.", 64)
-    n: int = _help("Slots for every later question of the same sample (n <= m).", 16)
-    output_dim: int = _help("Width of the fused tokens: the host LLM's hidden size.", 4096)
-    text_vocab_size: int = _help("Vocabulary size of the fusion's own question embedding.", 49408)
-    mask: str = _help("Attention mask policy: 'causal' (the paper), 'prefix' or 'grouped'.", "causal")
-    attn_impl: str = _help("Attention implementation: 'auto', 'eager', 'sdpa', 'flex' or 'triton'.", "auto")
+        "last slot of every group is the shared <eos> embedding.", 768, int)
+    m: int = _help("Slots (fused tokens) for the first question of a sample.", 64, int)
+    n: int = _help("Slots for every later question of the same sample (n <= m).", 16, int)
+    output_dim: int | None = _help(
+        "Width of the fused tokens: the host LLM's (or projection's) input width; None = from the host.", None, int,
+        optional=True)
+    text_vocab_size: int | None = _help(
+        "Vocabulary size of the fusion's question embedding; None = the host LLM's (questions tokenized by the "
+        "host tokenizer).", None, int, optional=True)
+    mask: str = _help("Attention mask policy: 'causal' (the paper), 'prefix' or 'grouped'.", "causal", str)
+    attn_impl: str = _help("Attention implementation: 'auto', 'eager', 'sdpa', 'flex' or 'triton'.", "auto", str)
     use_question: bool = _help(
-        "False gives the paper's ablation: every group holds only its slots, no question text.", True)
-    contrastive_dim: int = _help("Width of the <eos> embedding used by the contrastive loss.", 512)
-    output_mlp: bool = _help("Project fused tokens with a 2-layer GELU MLP instead of one Linear.", False)
-    gradient_checkpointing: bool = _help("Recompute decoder layers in backward to save memory.", False)
-    rms_norm_eps: float = _help("Epsilon of the RMSNorm layers.", 1e-6)
-    rope_theta: float = _help("Base of the rotary position frequencies.", 10000.0)
-    initializer_range: float = _help("Standard deviation of the initial weights.", 0.02)
-    identity_weight: float = _help("Weight λ of the identity loss in stage 1 (L_con + λ·L_id).", 1.0)
-    identity_scope: str = _help("Identity loss scope: 'group' (SPEC default) or 'batch' (seed code).", "group")
-    format_version: int = _help("On-disk format version; checked on load.", FORMAT_VERSION)
+        "False gives the paper's ablation: every group holds only its slots, no question text.", True, bool)
+    contrastive_dim: int = _help("Width of the <eos> embedding used by the contrastive loss.", 512, int)
+    output_mlp: bool = _help("Project fused tokens with a 2-layer GELU MLP instead of one Linear.", False, bool)
+    gradient_checkpointing: bool = _help("Recompute decoder layers in backward to save memory.", False, bool)
+    rms_norm_eps: float = _help("Epsilon of the RMSNorm layers.", 1e-6, float)
+    rope_theta: float = _help("Base of the rotary position frequencies.", 10000.0, float)
+    initializer_range: float = _help("Standard deviation of the initial weights.", 0.02, float)
+    identity_weight: float = _help("Weight λ of the identity loss in stage 1 (L_con + λ·L_id).", 1.0, float)
+    identity_scope: str = _help("Identity loss scope: 'group' (SPEC default) or 'batch' (seed code).", "group", str)
+    format_version: int = _help("On-disk format version; checked on load.", FORMAT_VERSION, int)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_kind(f.name, getattr(self, f.name), f.metadata["kind"], f.metadata["optional"])
         positive = ("vision_dim", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                     "codebook_size", "m", "n", "output_dim", "text_vocab_size", "contrastive_dim")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
@@ -92,12 +134,28 @@ class FusionConfig:
                 "(saved by a different qfusion release)"
             )
 
+    def replace(self, **changes) -> "FusionConfig":
+        """A copy with some fields changed (validated like a new config)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ValueError(f"changes: unknown FusionConfig fields {unknown}")
+        return replace(self, **changes)
+
+    def unresolved(self) -> list[str]:
+        """The host-determined fields still None (``qfusion.attach`` fills them)."""
+        return [name for name in ("vision_dim", "output_dim", "text_vocab_size") if getattr(self, name) is None]
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     def to_dict(self) -> dict:
+        """Every field (the runtime ones included); see :meth:`architecture_dict` for what is saved."""
         return asdict(self)
+
+    def architecture_dict(self) -> dict:
+        """The fields that define the weights and the default budget: what config.json holds."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict) -> "FusionConfig":
@@ -117,7 +175,7 @@ class FusionConfig:
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
         with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            json.dump(self.architecture_dict(), f, indent=2, sort_keys=True)
         return path
 
     @classmethod

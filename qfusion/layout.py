@@ -167,6 +167,16 @@ class PackedLayout:
         return self.slot == torch.repeat_interleave(sizes, sizes) - 1
 
 
+def group_first_position(policy: str, group: int, cursor: int, group0_end: int | None) -> int:
+    """Rotary position of the first token of question group ``group`` of a sample.
+
+    cursor: the position right after the sample's last token so far; group0_end: right after group 0.
+    Under ``grouped`` every later group restarts right after group 0 (it cannot see the groups
+    between), otherwise positions run on.
+    """
+    return group0_end if policy == "grouped" and group > 0 else cursor
+
+
 def _check_budget(m: int, n: int) -> None:
     for name, value in (("m", m), ("n", n)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -224,7 +234,7 @@ def pack(
                 raise ValueError(f"question_lengths[{b}][{g}]: expected >= 0, got {text_len}")
             k = m if g == 0 else n
             group_len = text_len + k
-            first_position = cursor if policy != "grouped" or g == 0 else group0_end
+            first_position = group_first_position(policy, g, cursor, group0_end)
             kind += [TEXT] * text_len + [QUERY] * k
             group += [g] * group_len
             position += range(first_position, first_position + group_len)
@@ -260,3 +270,134 @@ def pack(
         group_sample=idx(group_sample),
         group_number=idx(group_number),
     )
+
+
+# ---------------------------------------------------------------------- incremental packing (start / ask)
+
+
+@dataclass(frozen=True)
+class StepCursor:
+    """Where each sample of an incremental session stands: groups asked, next order and position.
+
+    groups, next_order, next_position: per sample; group0_end: per sample, the position right after
+    group 0 (None before it is asked).
+    """
+
+    groups: tuple[int, ...]
+    next_order: tuple[int, ...]
+    next_position: tuple[int, ...]
+    group0_end: tuple[int | None, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class PackedStep:
+    """The packed layout of one incremental step: one new question group for some samples.
+
+    meta: metadata of the new tokens (samples without a question have zero tokens).
+    position: (T,) their rotary positions. text_index / query_index: (·,) indices of the question
+    tokens / slots among them; slot: (Q,) slot numbers; is_eos: (Q,) True at each group's ⟨eos⟩.
+    asked: the samples that got a group, in order; group_sizes: their slot counts (m or n).
+    cursor: the cursor after this step.
+    """
+
+    meta: AttentionMeta
+    position: Tensor
+    text_index: Tensor
+    query_index: Tensor
+    slot: Tensor
+    is_eos: Tensor
+    asked: list[int]
+    group_sizes: list[int]
+    cursor: StepCursor
+
+
+def pack_vision(vision_lengths: Sequence[int], device=None) -> tuple[AttentionMeta, Tensor, StepCursor]:
+    """The vision prefix of an incremental session: its metadata, (T,) positions and the start cursor."""
+    lengths = list(vision_lengths)
+    order = [i for length in lengths for i in range(length)]
+    meta = AttentionMeta.from_lists([VISION] * len(order), [NO_GROUP] * len(order), order, lengths, device)
+    cursor = StepCursor((0,) * len(lengths), tuple(lengths), tuple(lengths), (None,) * len(lengths))
+    return meta, torch.tensor(order, dtype=torch.long, device=device), cursor
+
+
+def pack_step(cursor: StepCursor, text_lengths: Sequence[int | None], *, m: int, n: int, policy: str,
+              device=None) -> PackedStep:
+    """Lay out one new question group per sample after ``cursor`` (the same rules as :func:`pack`).
+
+    text_lengths: per sample, the new question's token count (0 for "no question" groups), or None
+        for a sample that asks nothing this step.
+    """
+    _check_budget(m, n)
+    kind, group, order, position, slot, is_eos, lengths, text_local = [], [], [], [], [], [], [], []
+    groups, next_order = list(cursor.groups), list(cursor.next_order)
+    next_position, group0_end = list(cursor.next_position), list(cursor.group0_end)
+    asked, sizes = [], []
+    for b, text_len in enumerate(text_lengths):
+        if text_len is None:
+            lengths.append(0)
+            continue
+        g = groups[b]
+        k = m if g == 0 else n
+        first = group_first_position(policy, g, next_position[b], group0_end[b])
+        start = len(kind)
+        kind += [TEXT] * text_len + [QUERY] * k
+        group += [g] * (text_len + k)
+        order += range(next_order[b], next_order[b] + text_len + k)
+        position += range(first, first + text_len + k)
+        text_local += range(start, start + text_len)
+        slot += range(k)
+        is_eos += [False] * (k - 1) + [True]
+        lengths.append(text_len + k)
+        asked.append(b)
+        sizes.append(k)
+        groups[b] = g + 1
+        next_order[b] += text_len + k
+        next_position[b] = first + text_len + k
+        if g == 0:
+            group0_end[b] = next_position[b]
+    meta = AttentionMeta.from_lists(kind, group, order, lengths, device)
+    is_text = torch.zeros(len(kind), dtype=torch.bool, device=device)
+    text_index = torch.tensor(text_local, dtype=torch.long, device=device)
+    is_text[text_index] = True
+
+    def idx(values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return PackedStep(meta, idx(position), text_index, (~is_text).nonzero().squeeze(-1), idx(slot),
+                      idx(is_eos, torch.bool), asked, sizes,
+                      StepCursor(tuple(groups), tuple(next_order), tuple(next_position), tuple(group0_end)))
+
+
+def merge_keys(cached: AttentionMeta, new: AttentionMeta) -> tuple[AttentionMeta, Tensor, Tensor]:
+    """Per sample [cached keys | new tokens]: their metadata, the gather index into cat([cached, new])
+    that builds it, and (T,) which merged keys are new."""
+    len_c, len_n = cached.seqlens().long(), new.seqlens().long()
+    cu = torch.zeros(len_c.numel() + 1, dtype=torch.long, device=len_c.device)
+    cu[1:] = (len_c + len_n).cumsum(0)
+    sample_c, sample_n = cached.sample_ids(), new.sample_ids()
+    dest_c = cu[sample_c] + torch.arange(cached.num_tokens, device=cu.device) - cached.cu_seqlens.long()[sample_c]
+    dest_n = (cu[sample_n] + len_c[sample_n] + torch.arange(new.num_tokens, device=cu.device)
+              - new.cu_seqlens.long()[sample_n])
+    merge = torch.argsort(torch.cat([dest_c, dest_n]))
+    from_new = merge >= cached.num_tokens
+
+    def merged(a, b):
+        return torch.cat([a, b])[merge]
+
+    meta = AttentionMeta(merged(cached.kind, new.kind), merged(cached.group, new.group),
+                         merged(cached.order, new.order), cu.to(torch.int32), int((len_c + len_n).max()))
+    return meta, merge, from_new
+
+
+def keys_to_keep(policy: str, meta_k: AttentionMeta, from_new: Tensor, cursor: StepCursor) -> tuple[Tensor, AttentionMeta]:
+    """Which merged keys later steps can see, and their metadata: all of them, except under
+    ``grouped``, where a group after group 0 is seen by no later group."""
+    keep_new = [policy != "grouped" or g == 1 for g in cursor.groups]
+    sample_k = meta_k.sample_ids()
+    keep = ~from_new | torch.tensor(keep_new, device=from_new.device)[sample_k]
+    batch = len(cursor.groups)
+    kept_lengths = torch.bincount(sample_k[keep], minlength=batch)
+    kept_cu = torch.zeros(batch + 1, dtype=torch.int32, device=from_new.device)
+    kept_cu[1:] = kept_lengths.cumsum(0)
+    meta = AttentionMeta(meta_k.kind[keep], meta_k.group[keep], meta_k.order[keep], kept_cu, int(kept_lengths.max()))
+    return keep, meta

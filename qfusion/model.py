@@ -21,9 +21,10 @@ from safetensors.torch import load_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from qfusion.config import FusionConfig
-from qfusion.layout import NO_GROUP, QUERY, TEXT, VISION, AttentionMeta, PackedLayout, _check_budget, pack
-from qfusion.ops.attention import fusion_attention
+from qfusion.config import CONFIG_NAME, FusionConfig
+from qfusion.layout import (AttentionMeta, PackedLayout, StepCursor, _check_budget, keys_to_keep, merge_keys, pack,
+                            pack_step, pack_vision)
+from qfusion.ops.attention import IMPLEMENTATIONS, fusion_attention
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -56,9 +57,10 @@ class FusionAttention(nn.Module):
         self.to_out = nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], meta_q: AttentionMeta, meta_k: AttentionMeta,
-                past: tuple[Tensor, Tensor] | None = None, merge: Tensor | None = None):
+                past: tuple[Tensor, Tensor] | None = None, merge: Tensor | None = None, impl: str = "auto"):
         """x: (T, hidden). With ``past`` (cached (Tk', H, D) keys/values), the new keys are merged in by
-        the gather index ``merge``. Returns (T, hidden) and the (k, v) the queries attended to."""
+        the gather index ``merge``; ``impl`` is the attention implementation. Returns (T, hidden) and
+        the (k, v) the queries attended to."""
         heads = self.config.num_heads
         q = rearrange(self.to_q(x), "t (h d) -> t h d", h=heads)
         k, v = rearrange(self.to_kv(x), "t (two h d) -> two t h d", two=2, h=heads)
@@ -66,7 +68,7 @@ class FusionAttention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k])[merge]
             v = torch.cat([past[1], v])[merge]
-        out = fusion_attention(q, k, v, meta_q, meta_k, policy=self.config.mask, impl=self.config.attn_impl)
+        out = fusion_attention(q, k, v, meta_q, meta_k, policy=self.config.mask, impl=impl)
         return self.to_out(rearrange(out, "t h d -> t (h d)")), (k, v)
 
 
@@ -93,8 +95,8 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h, rope, meta_q, meta_k, past=None, merge=None):
-        attended, kv = self.attn(self.attn_norm(h), rope, meta_q, meta_k, past, merge)
+    def forward(self, h, rope, meta_q, meta_k, past=None, merge=None, impl="auto"):
+        attended, kv = self.attn(self.attn_norm(h), rope, meta_q, meta_k, past, merge, impl)
         h = h + attended
         return h + self.mlp(self.mlp_norm(h)), kv
 
@@ -134,14 +136,11 @@ class FusionState:
     n: int
     kv: list[tuple[Tensor, Tensor]]  # per layer, cached (Tk, H, D) keys and values
     meta_k: AttentionMeta
-    groups: list[int]  # groups asked so far, per sample
-    next_order: list[int]  # order of the next token, per sample
-    next_position: list[int]  # rotary position of the next token, per sample
-    group0_end: list[int | None]  # position right after group 0, per sample (grouped positions)
+    cursor: StepCursor  # per sample: groups asked so far, next order and position
 
     @property
     def batch_size(self) -> int:
-        return len(self.groups)
+        return len(self.cursor.groups)
 
 
 class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
@@ -159,14 +158,23 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
     [8, 2]
     """
 
-    def __init__(self, config: FusionConfig | dict):
+    def __init__(self, config: FusionConfig | dict, *, attn_impl: str | None = None,
+                 gradient_checkpointing: bool | None = None):
         super().__init__()
         if isinstance(config, dict):
             config = FusionConfig.from_dict(config)
         if not isinstance(config, FusionConfig):
             raise TypeError(f"config: expected a FusionConfig or a dict, got {type(config).__name__}")
-        self.config = config
-        self._hub_mixin_config = config  # what save_pretrained writes as config.json
+        missing = config.unresolved()
+        if missing:
+            raise ValueError(
+                f"config: {missing[0]} is None (= from the host); set it, or let qfusion.attach fill it from "
+                f"the host model (unresolved: {missing})"
+            )
+        runtime = {k: v for k, v in (("attn_impl", attn_impl), ("gradient_checkpointing", gradient_checkpointing))
+                   if v is not None}
+        self.config = config.replace(**runtime) if runtime else config
+        self._hub_mixin_config = self.config.architecture_dict()  # what save_pretrained writes as config.json
         hidden = config.hidden_size
         self.vision_proj = (
             nn.Identity() if config.vision_dim == hidden else nn.Linear(config.vision_dim, hidden)
@@ -203,6 +211,26 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
     @property
     def dtype(self) -> torch.dtype:
         return self.eos.dtype
+
+    @property
+    def attn_impl(self) -> str:
+        """The attention implementation this module runs with (a runtime choice, not saved)."""
+        return self.config.attn_impl
+
+    @attn_impl.setter
+    def attn_impl(self, value: str) -> None:
+        if value not in IMPLEMENTATIONS:
+            raise ValueError(f"attn_impl: expected one of {IMPLEMENTATIONS}, got {value!r}")
+        self.config = self.config.replace(attn_impl=value)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether decoder layers are recomputed in backward (a runtime choice, not saved)."""
+        return self.config.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.config = self.config.replace(gradient_checkpointing=value)
 
     @property
     def device(self) -> torch.device:
@@ -316,13 +344,14 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
 
     def _run_layers(self, h, positions, meta_q, meta_k, past=None, merge=None):
         rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        impl = self.attn_impl
         kv = []
         for i, layer in enumerate(self.layers):
             layer_past = None if past is None else past[i]
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, layer_kv = checkpoint(layer, h, rope, meta_q, meta_k, layer_past, merge, use_reentrant=False)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h, layer_kv = checkpoint(layer, h, rope, meta_q, meta_k, layer_past, merge, impl, use_reentrant=False)
             else:
-                h, layer_kv = layer(h, rope, meta_q, meta_k, layer_past, merge)
+                h, layer_kv = layer(h, rope, meta_q, meta_k, layer_past, merge, impl)
             kv.append(layer_kv)
         return h, kv
 
@@ -371,16 +400,10 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
         """
         vision = self._check_vision(vision_tokens)
         m, n = self._budget(m, n, self.config.m, self.config.n)
-        lengths = [v.shape[0] for v in vision]
-        kind = [VISION] * sum(lengths)
-        group = [NO_GROUP] * sum(lengths)
-        order = [i for length in lengths for i in range(length)]
-        meta = AttentionMeta.from_lists(kind, group, order, lengths, self.device)
+        meta, positions, cursor = pack_vision([v.shape[0] for v in vision], self.device)
         h = self.vision_proj(torch.cat(vision))
-        positions = torch.tensor(order, dtype=torch.long, device=self.device)
         _, kv = self._run_layers(h, positions, meta, meta)
-        return FusionState(weakref.ref(self), m, n, kv, meta, [0] * len(vision), list(lengths),
-                           list(lengths), [None] * len(vision))
+        return FusionState(weakref.ref(self), m, n, kv, meta, cursor)
 
     def ask(self, state: FusionState, question_ids: Sequence[Tensor | None]):
         """Append one question group per sample to a started state; returns (tokens, new_state).
@@ -400,96 +423,49 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
             )
         if all(q is None for q in question_ids):
             raise ValueError("question_ids: expected at least one question, got only None")
-        grouped = self.config.mask == "grouped"
-        kind, group, order, positions, slot, is_eos, lengths, text_local, ids = [], [], [], [], [], [], [], [], []
-        groups, next_order, next_position, group0_end = (
-            list(state.groups), list(state.next_order), list(state.next_position), list(state.group0_end)
-        )
+        ids: list[Tensor] = []
+        text_lengths: list[int | None] = []
         for b, q in enumerate(question_ids):
-            if q is None:
-                lengths.append(0)
-                continue
-            if self.config.use_question:
-                q = self._check_ids(q, f"question_ids[{b}]")
-                ids.append(q)
-            text_len = q.numel() if self.config.use_question else 0
-            g = groups[b]
-            k = state.m if g == 0 else state.n
-            first_position = group0_end[b] if grouped and g > 0 else next_position[b]
-            start = len(kind)
-            kind += [TEXT] * text_len + [QUERY] * k
-            group += [g] * (text_len + k)
-            order += range(next_order[b], next_order[b] + text_len + k)
-            positions += range(first_position, first_position + text_len + k)
-            text_local += range(start, start + text_len)
-            slot += range(k)
-            is_eos += [False] * (k - 1) + [True]
-            lengths.append(text_len + k)
-            groups[b] = g + 1
-            next_order[b] += text_len + k
-            next_position[b] = first_position + text_len + k
-            if g == 0:
-                group0_end[b] = next_position[b]
-        device = self.device
-        meta_q = AttentionMeta.from_lists(kind, group, order, lengths, device)
-        text_index = torch.tensor(text_local, dtype=torch.long, device=device)
-        is_text = torch.zeros(len(kind), dtype=torch.bool, device=device)
-        is_text[text_index] = True
-        query_index = (~is_text).nonzero().squeeze(-1)
-        h = self._embed([], ids, text_index, query_index, torch.empty(0, dtype=torch.long, device=device),
-                        torch.tensor(slot, device=device), torch.tensor(is_eos, device=device), len(kind))
-        meta_k, merge, from_new = self._merged_keys(state.meta_k, meta_q)
-        pos = torch.tensor(positions, dtype=torch.long, device=device)
-        h, kv = self._run_layers(h, pos, meta_q, meta_k, state.kv, merge)
-
-        sizes = [state.m if g == 1 else state.n for g, q in zip(groups, question_ids) if q is not None]
-        asked = [b for b, q in enumerate(question_ids) if q is not None]
-        out = self._outputs(self.norm(h[query_index]), sizes, list(range(len(asked))), None)
+            if q is not None and self.config.use_question:
+                ids.append(self._check_ids(q, f"question_ids[{b}]"))
+            text_lengths.append(None if q is None else ids[-1].numel() if self.config.use_question else 0)
+        step = pack_step(state.cursor, text_lengths, m=state.m, n=state.n, policy=self.config.mask,
+                         device=self.device)
+        h = self._embed([], ids, step.text_index, step.query_index, step.query_index.new_empty(0), step.slot,
+                        step.is_eos, step.meta.num_tokens)
+        meta_k, merge, from_new = merge_keys(state.meta_k, step.meta)
+        h, kv = self._run_layers(h, step.position, step.meta, meta_k, state.kv, merge)
+        out = self._outputs(self.norm(h[step.query_index]), step.group_sizes, list(range(len(step.asked))), None)
         tokens: list[Tensor | None] = [None] * state.batch_size
-        for b, t in zip(asked, out.tokens):
+        for b, t in zip(step.asked, out.tokens):
             tokens[b] = t[0]
-
-        # Under `grouped` only group 0 is kept: later groups never see other groups.
-        keep_new = [(not grouped) or groups[b] == 1 for b in range(state.batch_size)]
-        sample_k = meta_k.sample_ids()
-        keep = ~from_new | torch.tensor(keep_new, device=device)[sample_k]
-        kept_lengths = torch.bincount(sample_k[keep], minlength=state.batch_size)
-        kept_cu = torch.zeros(state.batch_size + 1, dtype=torch.int32, device=device)
-        kept_cu[1:] = kept_lengths.cumsum(0)
-        kept_meta = AttentionMeta(meta_k.kind[keep], meta_k.group[keep], meta_k.order[keep], kept_cu,
-                                  int(kept_lengths.max()))
+        keep, kept_meta = keys_to_keep(self.config.mask, meta_k, from_new, step.cursor)
         new_state = FusionState(state.owner, state.m, state.n, [(k[keep], v[keep]) for k, v in kv], kept_meta,
-                                groups, next_order, next_position, group0_end)
+                                step.cursor)
         return tokens, new_state
 
-    @staticmethod
-    def _merged_keys(cached: AttentionMeta, new: AttentionMeta):
-        """Per sample [cached keys | new tokens]: their metadata, the gather index into
-        cat([cached, new]) that builds it, and which merged keys are new."""
-        len_c, len_n = cached.seqlens().long(), new.seqlens().long()
-        cu = torch.zeros(len_c.numel() + 1, dtype=torch.long, device=len_c.device)
-        cu[1:] = (len_c + len_n).cumsum(0)
-        sample_c, sample_n = cached.sample_ids(), new.sample_ids()
-        dest_c = cu[sample_c] + torch.arange(cached.num_tokens, device=cu.device) - cached.cu_seqlens.long()[sample_c]
-        dest_n = (cu[sample_n] + len_c[sample_n] + torch.arange(new.num_tokens, device=cu.device)
-                  - new.cu_seqlens.long()[sample_n])
-        merge = torch.argsort(torch.cat([dest_c, dest_n]))
-        from_new = merge >= cached.num_tokens
-
-        def merged(a, b):
-            return torch.cat([a, b])[merge]
-
-        meta = AttentionMeta(merged(cached.kind, new.kind), merged(cached.group, new.group),
-                             merged(cached.order, new.order), cu.to(torch.int32),
-                             int((len_c + len_n).max()))
-        return meta, merge, from_new
-
     # ------------------------------------------------------------------ persistence
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, attn_impl: str = "auto",
+                        gradient_checkpointing: bool = False, **kwargs) -> "QuestionFusion":
+        """Load a module saved with ``save_pretrained`` (a directory or a hub id).
+
+        attn_impl, gradient_checkpointing: runtime choices for this session (not part of the saved
+            weights' identity). Other keyword arguments go to huggingface_hub (revision, token, ...).
+        """
+        return super().from_pretrained(pretrained_model_name_or_path, attn_impl=attn_impl,
+                                       gradient_checkpointing=gradient_checkpointing, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
                          map_location: str = "cpu", strict: bool = True, **model_kwargs):
         """Load config.json + model.safetensors (strictly: every weight present, nothing unknown)."""
+        if "config" not in model_kwargs:
+            raise FileNotFoundError(
+                f"model_id: no {CONFIG_NAME} found for {model_id!r}; not a saved QuestionFusion (save_pretrained "
+                f"writes {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
         model = cls(**model_kwargs)
         if os.path.isdir(model_id):
             path = os.path.join(model_id, WEIGHTS_NAME)

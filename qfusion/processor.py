@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qfusion.inputs import check_budget, check_placeholders, encode_questions, placeholder_counts
 from qfusion.vision import hd_views
 
 PROCESSOR_CONFIG_NAME = "qfusion_processor.json"
@@ -61,8 +62,11 @@ class QFusionProcessor:
     """Builds the inputs of a qfusion-attached host: images, prompts with the right placeholders, questions.
 
     host_processor: the host's processor (``AutoProcessor.from_pretrained(checkpoint)``).
-    model: an attached host (``qfusion.attach``) to read m, n, the BLIP ``augment`` prefix and the HD
-        grid from; or pass ``m`` and ``n`` (and ``image_prefix``, ``hd_grid``) yourself.
+    model: an attached host (``qfusion.attach``) to read the default budget, the BLIP ``augment``
+        prefix and the HD grid from; or pass ``m`` and ``n`` (and ``image_prefix``, ``hd_grid``) yourself.
+    m, n: the budget these inputs are built for (default: the attached plugin's configured m, n):
+        m placeholders before a sample's first question, n before each later one. The outputs carry
+        it as ``qfusion_budget``, so ``model(**inputs)`` fuses exactly that many tokens.
     question_tokenizer: tokenizer of the fusion's questions (default: the host's tokenizer; e.g. a CLIP
         tokenizer by option). Its ids must stay below the fusion's ``text_vocab_size``.
     question_special_tokens: add the question tokenizer's special tokens to each question (default:
@@ -96,13 +100,16 @@ class QFusionProcessor:
             from qfusion.adapters import get_adapter
 
             adapter = get_adapter(model)
-            found = {"m": adapter.m, "n": adapter.n, "image_prefix": adapter.image_prefix,
-                     "hd_grid": adapter.settings.hd_grid}
+            found = {"image_prefix": adapter.image_prefix, "hd_grid": adapter.settings.hd_grid}
             hd_grid = None if hd_grid is None else tuple(hd_grid)
-            for name, value in (("m", m), ("n", n), ("image_prefix", image_prefix), ("hd_grid", hd_grid)):
+            for name, value in (("image_prefix", image_prefix), ("hd_grid", hd_grid)):
                 if value is not None and value != found[name]:
                     raise ValueError(f"{name}: the attached plugin uses {name}={found[name]!r}, got {value!r}")
-            m, n, image_prefix, hd_grid = found["m"], found["n"], found["image_prefix"], found["hd_grid"]
+            image_prefix, hd_grid = found["image_prefix"], found["hd_grid"]
+            default_m, default_n = adapter.budget
+            m = default_m if m is None else m
+            n = min(default_n, m) if n is None else n
+            check_budget((m, n), adapter.fusion.config.codebook_size, name="m, n")
             vocab = adapter.fusion.config.text_vocab_size
             size = len(question_tokenizer if question_tokenizer is not None else tokenizer)
             if size > vocab:
@@ -116,9 +123,7 @@ class QFusionProcessor:
                 )
         if m is None or n is None:
             raise ValueError("m, n: required (or pass the attached model to read them from)")
-        self.m, self.n = _positive(m, "m"), _positive(n, "n")
-        if self.n > self.m:
-            raise ValueError(f"n: expected n <= m={self.m}, got {self.n}")
+        self.m, self.n = check_budget((m, n), name="m, n")
         self.image_prefix = 0 if image_prefix is None else image_prefix
         if not isinstance(self.image_prefix, int) or self.image_prefix < 0:
             raise ValueError(f"image_prefix: expected an integer >= 0, got {image_prefix!r}")
@@ -131,13 +136,17 @@ class QFusionProcessor:
 
     # ------------------------------------------------------------------ layout
 
+    @property
+    def budget(self) -> tuple[int, int]:
+        """The (m, n) these inputs are built for."""
+        return self.m, self.n
+
     def num_placeholders(self, num_questions: int) -> int:
         """Image placeholders of one sample with ``num_questions`` questions: prefix + m + (G−1)·n."""
-        return self.image_prefix + self.m + (num_questions - 1) * self.n
+        return sum(placeholder_counts(num_questions, self.budget, self.image_prefix))
 
     def _placeholders(self, group: int) -> str:
-        count = self.image_prefix + self.m if group == 0 else self.n
-        return self.image_token * count
+        return self.image_token * placeholder_counts(group + 1, self.budget, self.image_prefix)[group]
 
     # ------------------------------------------------------------------ inputs
 
@@ -234,15 +243,7 @@ class QFusionProcessor:
                     )
                 row.append(tokens)
             ids.append(row)
-        groups = max(len(row) for row in ids)
-        length = max(len(q) for row in ids for q in row)
-        input_ids = torch.zeros(len(ids), groups, length, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for b, row in enumerate(ids):
-            for g, tokens in enumerate(row):
-                input_ids[b, g, : len(tokens)] = torch.tensor(tokens)
-                mask[b, g, : len(tokens)] = 1
-        return input_ids, mask
+        return encode_questions(ids)
 
     def _check_counts(self, input_ids: Tensor, questions: list[list[str]]) -> None:
         found = (input_ids == self.image_token_id).sum(-1).tolist()
@@ -253,6 +254,8 @@ class QFusionProcessor:
                 f"({len(questions)} images; m={self.m}, n={self.n}, prefix={self.image_prefix}); does the chat "
                 "template or the text add its own image tokens?"
             )
+        check_placeholders(input_ids, self.image_token_id, [len(sample) for sample in questions], self.budget,
+                           self.image_prefix, name="text")
 
     @staticmethod
     def _labels(input_ids: Tensor, offsets: Tensor, prompts: list[str], turns: list[list[tuple[str, str]]],
@@ -299,12 +302,18 @@ class QFusionProcessor:
             the user's).
         return_labels: also return ``labels`` (conversations only): the assistant turns' tokens and the
             eos closing each, -100 elsewhere (needs a fast tokenizer).
-        padding_side: "left" for batched generation (default: the tokenizer's).
+        padding_side: "left" (default: batched generation needs it; a right-padded batch is refused
+            by the patched ``generate``) or "right" (fine for ``forward``: causal attention never
+            reads the padding at real positions).
         """
         if (conversations is None) == (questions is None):
             raise ValueError("conversations, questions: pass exactly one of them")
         if return_tensors != "pt":
             raise ValueError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
+        if padding_side is None:
+            padding_side = "left"
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
         if conversations is not None:
             rendered = [self._render(c, add_generation_prompt) for c in self._batch_conversations(conversations)]
             prompts = [r[0] for r in rendered]
@@ -320,11 +329,12 @@ class QFusionProcessor:
             special = True
         encoding = self.tokenizer(prompts, add_special_tokens=special, padding=True, return_tensors="pt",
                                   return_offsets_mapping=return_labels,
-                                  **({"padding_side": padding_side} if padding_side else {}))
+                                  padding_side=padding_side)
         self._check_counts(encoding["input_ids"], batch_questions)
         data = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
         data.update(self._images(images, len(prompts)))
         data["qfusion_input_ids"], data["qfusion_attention_mask"] = self._question_ids(batch_questions)
+        data["qfusion_budget"] = self.budget
         qformer_tokenizer = getattr(self.host, "qformer_tokenizer", None)
         if qformer_tokenizer is not None:
             qformer = qformer_tokenizer([sample[0] for sample in batch_questions], padding=True, return_tensors="pt")
@@ -345,12 +355,12 @@ class QFusionProcessor:
         return self.tokenizer.decode(*args, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write the processor's settings (qfusion_processor.json) and a separate question tokenizer
-        into a plugin directory; the host processor is not saved (it comes with the host checkpoint)."""
+        """Write the processor's own settings (qfusion_processor.json: how questions are tokenized) and a
+        separate question tokenizer into a plugin directory. The budget, prefix and HD grid are the
+        plugin's (config.json, qfusion_adapter.json) and the host processor comes with the host
+        checkpoint: neither is written here."""
         os.makedirs(save_directory, exist_ok=True)
-        settings = {"m": self.m, "n": self.n, "image_prefix": self.image_prefix,
-                    "hd_grid": list(self.hd_grid) if self.hd_grid else None,
-                    "question_special_tokens": self.question_special_tokens,
+        settings = {"question_special_tokens": self.question_special_tokens,
                     "max_question_length": self.max_question_length,
                     "question_tokenizer": QUESTION_TOKENIZER_DIR if self.question_tokenizer is not None else None}
         with open(os.path.join(save_directory, PROCESSOR_CONFIG_NAME), "w") as f:
@@ -360,13 +370,26 @@ class QFusionProcessor:
         return os.fspath(save_directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, host_processor, model=None) -> "QFusionProcessor":
-        """Rebuild a processor saved with ``save_pretrained`` around the host's processor."""
+    def from_pretrained(cls, directory: str | os.PathLike, host_processor, model=None, **overrides) -> "QFusionProcessor":
+        """Rebuild a processor saved with ``save_pretrained`` (into a plugin directory) around the host's
+        processor. Without ``model`` the budget comes from the plugin's config.json and the HD grid from
+        its qfusion_adapter.json when the directory holds a plugin; ``overrides`` (e.g. ``m=``, ``n=``)
+        go to the constructor."""
         path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"directory: no {PROCESSOR_CONFIG_NAME} in {os.fspath(directory)!r}")
         with open(path) as f:
             settings = json.load(f)
+        if model is None and os.path.isfile(os.path.join(directory, "config.json")):
+            from qfusion.adapters.plugin import AdapterSettings
+            from qfusion.config import FusionConfig
+
+            config = FusionConfig.from_pretrained(directory)
+            adapter = AdapterSettings.load(directory)
+            if adapter is not None and adapter.mode == "augment":
+                raise ValueError("model: required for a plugin in mode='augment' (the host's Q-Former prefix)")
+            settings.update(m=config.m, n=config.n, hd_grid=adapter.hd_grid if adapter is not None else None)
+        settings.update(overrides)
         from transformers import AutoTokenizer
 
         tokenizer_dir = settings.pop("question_tokenizer")

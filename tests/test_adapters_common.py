@@ -10,7 +10,8 @@ from torch import nn
 import qfusion
 from qfusion import QFusionProcessor, QuestionFusion
 from qfusion.adapters import ADAPTERS, FusionCache, get_adapter
-from qfusion.adapters.base import active_module, check_placeholders, placeholder_runs, split_questions
+from qfusion.adapters.lora import active_module
+from qfusion.inputs import placeholder_runs
 
 SECTIONS = ("Wrap a LLaVA checkpoint", "Wrap BLIP-2 / InstructBLIP")
 CHECKPOINTS = {"llava-hf/llava-1.5-7b-hf": "llava", "Salesforce/blip2-opt-2.7b": "blip-2",
@@ -35,32 +36,6 @@ def test_every_supported_model_type_has_an_adapter():
     assert set(ADAPTERS) == {"llava", "llava_next", "blip-2", "instructblip"}
 
 
-def test_split_questions_reads_slots_until_the_first_empty_row():
-    ids = torch.tensor([[[5, 6, 0], [7, 0, 0], [0, 0, 0]], [[8, 9, 10], [0, 0, 0], [0, 0, 0]]])
-    questions = split_questions(ids, (ids > 0).long(), 2)
-    assert [[q.tolist() for q in sample] for sample in questions] == [[[5, 6], [7]], [[8, 9, 10]]]
-    assert [len(s) for s in split_questions(ids, None, 2)] == [3, 3]  # no mask: every slot, every token
-    with pytest.raises(ValueError, match="sample 1 has no question"):
-        split_questions(ids, torch.stack([(ids[0] > 0).long(), torch.zeros(3, 3, dtype=torch.long)]), 2)
-    with pytest.raises(ValueError, match="only 0 and 1"):
-        split_questions(ids, (ids > 0).long() * 2, 2)
-    with pytest.raises(TypeError, match="integer token ids"):
-        split_questions(ids.float(), None, 2)
-    with pytest.raises(ValueError, match="qfusion_attention_mask: expected shape"):
-        split_questions(ids, torch.ones(2, 3), 2)
-
-
-def test_placeholder_runs_and_check():
-    ids = torch.tensor([[1, 4, 4, 4, 9, 4, 9, 4, 4], [4, 4, 4, 9, 9, 9, 9, 9, 9]])
-    assert placeholder_runs(ids[0], 4) == [3, 1, 2]
-    check_placeholders(ids, 4, [[3, 1, 2], [3]], m=3, n=1)
-    with pytest.raises(ValueError, match=r"sample 0 has image placeholder runs \[3, 1, 2\] \(total 6\), "
-                                         r"expected \[3, 2, 2\]"):
-        check_placeholders(ids, 4, [[3, 2, 2], [3]], m=3, n=2)
-    with pytest.raises(ValueError, match="2 host query tokens"):
-        check_placeholders(ids, 4, [[5, 1], [3]], m=3, n=1, prefix=2)
-
-
 def test_fusion_cache_asks_only_new_questions_and_equals_the_packed_forward():
     torch.manual_seed(0)
     fusion = QuestionFusion(fusion_config(vision_dim=8, output_dim=6, attn_impl="eager")).double()
@@ -74,20 +49,35 @@ def test_fusion_cache_asks_only_new_questions_and_equals_the_packed_forward():
         return vision, "host"
 
     cache = FusionCache()
-    first, host = cache.fuse(fusion, encode, pixels, [questions[0][:1], questions[1]])
-    later, _ = cache.fuse(fusion, encode, None, questions)
+    first, host = cache.fuse(fusion, encode, pixels, [questions[0][:1], questions[1]], (4, 2))
+    later, _ = cache.fuse(fusion, encode, None, questions, (4, 2))
     assert host == "host" and len(encoded) == 1 and (cache.hits, cache.misses) == (1, 1)
     packed = fusion(vision, questions).tokens
     for got, want in zip(later, packed):
         assert len(got) == len(want)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    cache.fuse(fusion, encode, pixels + 1, questions)  # other images refill
-    cache.fuse(fusion, encode, pixels + 1, [[torch.tensor([9])], questions[1]])  # an edited question refills
+    cache.fuse(fusion, encode, pixels + 1, questions, (4, 2))  # other images refill
+    cache.fuse(fusion, encode, pixels + 1, [[torch.tensor([9])], questions[1]], (4, 2))  # an edited question refills
     assert len(encoded) == 3 and cache.misses == 3
     cache.clear()
     with pytest.raises(ValueError, match="pixel_values: required"):
-        cache.fuse(fusion, encode, None, questions)
+        cache.fuse(fusion, encode, None, questions, (4, 2))
+
+
+def test_fusion_cache_keys_on_the_budget_of_the_call():
+    torch.manual_seed(0)
+    fusion = QuestionFusion(fusion_config(vision_dim=8, output_dim=6, attn_impl="eager")).double()
+    vision = [torch.randn(5, 8, dtype=torch.float64)]
+    pixels = torch.randn(1, 3, 4, 4)
+    questions = [[torch.tensor([1, 2]), torch.tensor([3])]]
+    cache = FusionCache()
+    cache.fuse(fusion, lambda: (vision, None), pixels, questions, (4, 2))
+    small, _ = cache.fuse(fusion, lambda: (vision, None), pixels, questions, (2, 1))  # same inputs, other budget
+    assert cache.misses == 2 and [t.shape[0] for t in small[0]] == [2, 1]
+    for got, want in zip(small[0], fusion(vision, questions, m=2, n=1).tokens[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert (fusion.config.m, fusion.config.n) == (4, 2)  # the module's default budget is untouched
 
 
 def test_attach_rejects_unsupported_models_and_inputs(hosts):

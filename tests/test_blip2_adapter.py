@@ -7,7 +7,8 @@ from conftest_hosts import IMAGE_TOKEN_ID, capture_llm_inputs, fusion_config, gr
 import qfusion
 from qfusion import QFusionProcessor, QuestionFusion
 from qfusion.adapters import FusionCache
-from qfusion.adapters.base import split_questions
+from qfusion.adapters.patching import QFusionArguments
+from qfusion.inputs import decode_questions as split_questions
 
 CASES = [("blip-2", "replace"), ("blip-2", "augment"), ("instructblip", "replace"), ("instructblip", "augment")]
 
@@ -42,7 +43,7 @@ def test_forward_loss_backward_and_the_llm_input(hosts, kind, mode):
 
     text = model.get_input_embeddings()(batch["input_ids"])
     positions = (records[-1] != text).any(-1)
-    assert positions.sum(-1).tolist() == [prefix + adapter.m + 2 * adapter.n, prefix + adapter.m]
+    assert positions.sum(-1).tolist() == [prefix + adapter.budget[0] + 2 * adapter.budget[1], prefix + adapter.budget[0]]
     assert torch.equal(positions, batch["input_ids"] == IMAGE_TOKEN_ID)
     with torch.no_grad():
         vision = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
@@ -107,10 +108,8 @@ def test_mm_encoder_outputs_path_and_attach_give_identical_logits(hosts, kind, m
     extra = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
     with torch.no_grad():
         precomputed = adapter.encoder_outputs(
-            input_ids=batch["input_ids"], inputs_embeds=None, pixel_values=batch["pixel_values"],
-            interpolate_pos_encoding=False, qformer_input_ids=extra.get("qformer_input_ids"),
-            qformer_attention_mask=extra.get("qformer_attention_mask"), qfusion_input_ids=batch["qfusion_input_ids"],
-            qfusion_attention_mask=batch["qfusion_attention_mask"], qfusion_cache=None)
+            {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"], **extra},
+            QFusionArguments(batch["qfusion_input_ids"], batch["qfusion_attention_mask"]))
         with_plugin = model(**batch).logits
         fusion = qfusion.detach(model)
         assert isinstance(fusion, QuestionFusion)

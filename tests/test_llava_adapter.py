@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import qfusion
 from qfusion import QFusionProcessor, QuestionFusion
 from qfusion.adapters import FusionCache, get_adapter
-from qfusion.adapters.base import split_questions
+from qfusion.inputs import decode_questions as split_questions
 
 KINDS = ["llava", "llava_next"]
 
@@ -59,7 +59,7 @@ def test_llm_receives_m_plus_g_minus_1_times_n_image_positions(hosts, kind):
         model(**batch)
     handle.remove()
     positions = image_positions(model, batch, records)
-    assert positions.sum(-1).tolist() == [adapter.m + 2 * adapter.n, adapter.m]
+    assert positions.sum(-1).tolist() == [adapter.budget[0] + 2 * adapter.budget[1], adapter.budget[0]]
     assert torch.equal(positions, batch["input_ids"] == IMAGE_TOKEN_ID)
 
     # the spliced rows are the fusion's tokens for the host's own vision features, in question order
@@ -333,7 +333,7 @@ def test_bad_inputs_raise_clearly(hosts):
         call(pixel_values=None)
     with pytest.raises(TypeError, match="qfusion_cache"):
         call(qfusion_cache={})
-    with pytest.raises(ValueError, match="already has 'qfusion'"):
+    with pytest.raises(ValueError, match="already has a qfusion plugin attached"):
         qfusion.attach(model, fusion_config())
     with pytest.raises(ValueError, match="mode"):
         qfusion.attach(hosts.model("llava"), fusion_config(), mode="augment")
@@ -345,8 +345,10 @@ def test_plugins_that_do_not_fit_the_host_fail_naming_the_mismatch(hosts, tmp_pa
         qfusion.attach(hosts.model("llava"), tmp_path / "wrong")
     with pytest.raises(ValueError, match="output_dim=32, this host needs output_dim=64"):
         qfusion.attach(hosts.model("llava"), QuestionFusion(fusion_config(vision_dim=64, output_dim=32)))
-    with pytest.raises(ValueError, match="output_dim=100 does not fit the host"):
+    with pytest.raises(ValueError, match="output_dim=100, this host needs output_dim=64"):
         qfusion.attach(hosts.model("llava"), fusion_config(output_dim=100))
+    with pytest.raises(ValueError, match="vision_dim=1024, this host needs vision_dim=64"):  # never rewritten
+        qfusion.attach(hosts.model("llava"), fusion_config(vision_dim=1024))
     _, adapter, _ = attached(hosts, vision_source="tower")
     adapter.save_pretrained(tmp_path / "tower")
     with pytest.raises(ValueError, match="trained with vision_source='tower'"):

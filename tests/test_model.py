@@ -84,7 +84,7 @@ def test_ask_does_not_mutate_state_so_followups_can_branch():
     a, _ = fusion.ask(after_first, [questions[0][1]])
     b, _ = fusion.ask(after_first, [questions[0][1]])
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=0)
-    assert after_first.groups == [1]
+    assert after_first.cursor.groups == (1,)
 
 
 def test_gradients_flow_through_the_incremental_state():
@@ -135,7 +135,7 @@ def test_sdpa_matches_eager_for_the_whole_module(policy):
     vision, questions = batch(dtype=torch.float32)
     results = {}
     for impl in ("eager", "sdpa"):
-        fusion.config.attn_impl = impl
+        fusion.attn_impl = impl
         fusion.zero_grad()
         out = fusion(vision, questions)
         (out.packed_tokens.square().sum() + out.eos_embed.sum()).backward()
@@ -179,7 +179,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     fusion.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["format_version"] == 1 and config["mask"] == "grouped"
-    loaded = QuestionFusion.from_pretrained(tmp_path)
+    assert "attn_impl" not in config and "gradient_checkpointing" not in config  # runtime, not identity
+    loaded = QuestionFusion.from_pretrained(tmp_path, attn_impl="eager")
     assert loaded.config == fusion.config
     for (name, p), (name2, p2) in zip(fusion.state_dict().items(), loaded.state_dict().items()):
         assert name == name2 and torch.equal(p, p2)
@@ -200,6 +201,30 @@ def test_load_rejects_other_format_versions_and_missing_weights(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         QuestionFusion.from_pretrained(tmp_path)
+
+
+def test_runtime_settings_are_chosen_at_load_not_saved(tmp_path):
+    fusion = tiny_fusion(dtype=torch.float32, attn_impl="sdpa", gradient_checkpointing=True)
+    fusion.save_pretrained(tmp_path)
+    default = QuestionFusion.from_pretrained(tmp_path)
+    assert (default.attn_impl, default.gradient_checkpointing) == ("auto", False)
+    chosen = QuestionFusion.from_pretrained(tmp_path, attn_impl="eager", gradient_checkpointing=True)
+    assert (chosen.attn_impl, chosen.gradient_checkpointing) == ("eager", True)
+    assert chosen.config.architecture_dict() == fusion.config.architecture_dict()
+    with pytest.raises(ValueError, match="attn_impl"):
+        chosen.attn_impl = "fast"
+
+
+def test_loading_an_empty_directory_names_the_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        QuestionFusion.from_pretrained(tmp_path)
+
+
+def test_host_fields_left_none_must_be_set_to_build_a_module():
+    config = tiny_config(vision_dim=None)
+    assert config.unresolved() == ["vision_dim"]
+    with pytest.raises(ValueError, match="vision_dim is None"):
+        QuestionFusion(config)
 
 
 def test_no_linear_is_named_like_a_llama_projection():
@@ -278,10 +303,41 @@ def test_config_validation(overrides, match):
         tiny_config(**overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(use_question="no"), "use_question: expected a bool"),
+        (dict(output_mlp=1), "output_mlp: expected a bool"),
+        (dict(rms_norm_eps="1e-6"), "rms_norm_eps: expected a finite number"),
+        (dict(identity_weight=float("nan")), "identity_weight: expected a finite number"),
+        (dict(rope_theta=float("inf")), "rope_theta: expected a finite number"),
+        (dict(m=4.0), "m: expected an integer"),
+        (dict(hidden_size=True), "hidden_size: expected an integer"),
+        (dict(vision_dim="12"), r"vision_dim: expected an integer or None \(from the host\)"),
+        (dict(mask=1), "mask: expected a str"),
+    ],
+)
+def test_config_fields_are_type_checked_by_kind(overrides, match):
+    with pytest.raises(TypeError, match=match):
+        tiny_config(**overrides)
+
+
+def test_config_is_immutable_and_changes_through_replace():
+    config = tiny_config()
+    with pytest.raises(AttributeError):
+        config.m = 2
+    changed = config.replace(m=2, n=1)
+    assert (changed.m, changed.n, config.m, config.n) == (2, 1, 4, 2)
+    with pytest.raises(ValueError, match="n: expected n <= m"):
+        config.replace(m=1)
+    with pytest.raises(ValueError, match="unknown FusionConfig fields"):
+        config.replace(hiden_size=3)
+
+
 def test_config_json_round_trip(tmp_path):
     config = tiny_config(mask="prefix", output_mlp=True)
     config.save_pretrained(tmp_path)
-    assert FusionConfig.from_pretrained(tmp_path) == config
+    assert FusionConfig.from_pretrained(tmp_path) == config.replace(attn_impl="auto")  # runtime field not saved
     assert FusionConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown FusionConfig fields"):
         FusionConfig.from_dict({**config.to_dict(), "hiden_size": 3})

@@ -8,7 +8,7 @@ from conftest_hosts import IMAGE_TOKEN_ID, fusion_config, hosts, images, tokeniz
 
 import qfusion
 from qfusion import QFusionProcessor
-from qfusion.adapters.base import placeholder_runs
+from qfusion.inputs import placeholder_runs
 from qfusion.vision import hd_views
 
 CONVERSATION = [
@@ -95,8 +95,15 @@ def test_model_settings_augment_prefix_and_qformer_inputs(hosts):
     qtok = hosts.processor("instructblip").qformer_tokenizer
     first = batch["qformer_input_ids"][1][batch["qformer_attention_mask"][1].bool()]
     assert first.tolist() == qtok("what is this ?")["input_ids"]
-    with pytest.raises(ValueError, match="m: the attached plugin uses m=4, got 8"):
-        QFusionProcessor(hosts.processor("instructblip"), model, m=8)
+    smaller = QFusionProcessor(hosts.processor("instructblip"), model, m=3)  # a per-processor budget
+    assert smaller.budget == (3, 2)
+    batch = smaller(images=images(1), questions=[["what is this ?", "red"]])
+    assert placeholder_runs(batch["input_ids"][0], IMAGE_TOKEN_ID) == [model.config.num_query_tokens + 3, 2]
+    assert batch["qfusion_budget"] == (3, 2)
+    with pytest.raises(ValueError, match="m <= codebook_size=16"):
+        QFusionProcessor(hosts.processor("instructblip"), model, m=17)
+    with pytest.raises(ValueError, match="1 <= n <= m"):
+        QFusionProcessor(hosts.processor("instructblip"), model, m=2, n=3)
 
 
 def test_separate_question_tokenizer_is_saved_with_the_plugin(llava_processor, tmp_path):
@@ -113,7 +120,9 @@ def test_separate_question_tokenizer_is_saved_with_the_plugin(llava_processor, t
     assert batch["qfusion_input_ids"][0, 0].tolist() == [3, 4, 5]  # its own ids, truncated to 3
     processor.save_pretrained(tmp_path)
     assert os.path.isdir(tmp_path / "question_tokenizer")
-    again = QFusionProcessor.from_pretrained(tmp_path, llava_processor)
+    with pytest.raises(ValueError, match="m, n: required"):  # no plugin config beside it, no model
+        QFusionProcessor.from_pretrained(tmp_path, llava_processor)
+    again = QFusionProcessor.from_pretrained(tmp_path, llava_processor, m=4, n=2)
     reloaded = again(images=images(1), questions="what is this ?")
     assert torch.equal(reloaded["qfusion_input_ids"], batch["qfusion_input_ids"])
     assert (again.m, again.n, again.max_question_length) == (4, 2, 3)
@@ -143,8 +152,10 @@ def test_question_tokenizer_must_fit_the_fusion_vocabulary(hosts):
 def test_bad_inputs_raise_clearly(llava_processor):
     with pytest.raises(ValueError, match="m, n: required"):
         QFusionProcessor(llava_processor)
-    with pytest.raises(ValueError, match="n: expected n <= m"):
+    with pytest.raises(ValueError, match="m, n: expected 1 <= n <= m"):
         QFusionProcessor(llava_processor, m=2, n=3)
+    with pytest.raises(ValueError, match="padding_side"):
+        QFusionProcessor(llava_processor, m=2, n=1)(images=images(1), questions="red", padding_side="middle")
     with pytest.raises(TypeError, match="host_processor"):
         QFusionProcessor(tokenizer(), m=2, n=1)
     processor = QFusionProcessor(llava_processor, m=4, n=2)

@@ -20,12 +20,11 @@ silently misplace features): the adapter checks every sample's placeholder runs 
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from qfusion.adapters.base import HostAdapter
+from qfusion.adapters.patching import QFusionArguments
 
 
 def _image_outputs(**fields):
@@ -44,7 +43,7 @@ class Blip2Adapter(HostAdapter):
     vision_sources = ("tower",)
     llm_name = "language_model"
 
-    def _check_host(self) -> None:
+    def check_host(self) -> None:
         config = self.model.config
         if not config.use_decoder_only_language_model:
             raise NotImplementedError(
@@ -82,7 +81,7 @@ class Blip2Adapter(HostAdapter):
     def image_prefix(self) -> int:
         return self.model.config.num_query_tokens if self.settings.mode == "augment" else 0
 
-    def _module_groups(self) -> dict[str, list[str]]:
+    def module_groups(self) -> dict[str, list[str]]:
         return {"vision_tower": ["vision_model"], "projector": ["qformer", "query_tokens", "language_projection"],
                 "llm": ["language_model"]}
 
@@ -112,27 +111,33 @@ class Blip2Adapter(HostAdapter):
             last_hidden_state=vision.last_hidden_state, pooler_output=vision.pooler_output, vision_outputs=vision,
         )
 
-    def encoder_outputs(self, *, input_ids, inputs_embeds, pixel_values, interpolate_pos_encoding, qformer_input_ids,
-                        qformer_attention_mask, qfusion_input_ids, qfusion_attention_mask, qfusion_cache):
+    def encoder_outputs(self, args: dict, qfusion: QFusionArguments):
         """``{"image": outputs}`` whose ``pooler_output`` (total, d_llm) holds every sample's tokens in
         placeholder order, or None when neither images nor questions are given."""
-        if pixel_values is None and qfusion_input_ids is None:
+        pixel_values = args.get("pixel_values")
+        if pixel_values is None and not qfusion.given:
             return None
-        if inputs_embeds is not None:
+        if args.get("mm_encoder_outputs") is not None:
+            raise ValueError(
+                "mm_encoder_outputs: pass either precomputed image embeddings or pixel_values with "
+                "qfusion_input_ids, not both"
+            )
+        if args.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds: not supported with qfusion inputs; pass input_ids")
-        if pixel_values is None and (qfusion_cache is None or qfusion_cache.is_empty):
+        if pixel_values is None and (qfusion.cache is None or qfusion.cache.is_empty):
             raise ValueError(
                 "pixel_values: required with qfusion_input_ids (unless a filled qfusion_cache holds the images)"
             )
-        questions = self._questions(qfusion_input_ids, qfusion_attention_mask, input_ids)
-        self._check_images(pixel_values, input_ids.shape[0])
+        budget = self.call_budget(qfusion)
+        questions = self.questions(qfusion, args.get("input_ids"), budget)
         augment = self.settings.mode == "augment"
+        qformer_ids, qformer_mask = args.get("qformer_input_ids"), args.get("qformer_attention_mask")
 
         def encode():
-            return self.encode(pixel_values, interpolate_pos_encoding, qformer_input_ids, qformer_attention_mask)
+            return self.encode(pixel_values, args.get("interpolate_pos_encoding", False), qformer_ids, qformer_mask)
 
-        context = qformer_input_ids if augment and self.is_instruct else None
-        tokens, image = self.fused_tokens(encode, pixel_values, questions, qfusion_cache, context)
+        context = qformer_ids if augment and self.is_instruct else None
+        tokens, image = self.fused_tokens(encode, pixel_values, questions, qfusion.cache, budget, context)
         projection = self.model.language_projection
         weight = projection.weight
         counts = [sum(t.shape[0] for t in groups) for groups in tokens]
@@ -149,110 +154,32 @@ class Blip2Adapter(HostAdapter):
 
     # ------------------------------------------------------------------ the patched calls
 
-    def _generate(self, model, input_ids, attention_mask, mm_encoder_outputs, generate_kwargs):
+    def patched_forward(self, args: dict, qfusion: QFusionArguments):
+        """The host's forward with the images compressed by the plugin (through ``mm_encoder_outputs``)."""
+        fused = self.encoder_outputs(args, qfusion)
+        if fused is not None:
+            args = dict(args, pixel_values=None, mm_encoder_outputs=fused)
+        return self.host_method("forward")(**args)
+
+    def patched_generate(self, args: dict, qfusion: QFusionArguments):
         """The host's generate after its inline feature computation, with the fused tokens instead."""
-        if hasattr(model, "hf_device_map"):
-            model._preprocess_accelerate()
-        inputs_embeds = model.get_input_embeddings()(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        features = mm_encoder_outputs["image"].pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
-        placeholders = (input_ids == self.image_token_id).unsqueeze(-1).to(inputs_embeds.device)
-        inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
+        if args.get("pixel_values") is None and not qfusion.given:
+            return self.host_method("generate")(**args)
+        input_ids, attention_mask = args.get("input_ids"), args.get("attention_mask")
+        self.check_generation_inputs(input_ids, attention_mask)
+        with torch.no_grad():
+            fused = self.encoder_outputs(args, qfusion)
+            model = self.model
+            if hasattr(model, "hf_device_map"):
+                model._preprocess_accelerate()
+            inputs_embeds = model.get_input_embeddings()(input_ids)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            features = fused["image"].pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+            placeholders = (input_ids == self.image_token_id).unsqueeze(-1).to(inputs_embeds.device)
+            inputs_embeds = inputs_embeds.masked_scatter(placeholders, features)
+        own = {"pixel_values", "input_ids", "attention_mask", "inputs_embeds", "interpolate_pos_encoding",
+               "qformer_input_ids", "qformer_attention_mask"}
+        generate_kwargs = {k: v for k, v in args.items() if k not in own}
         return model.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                              input_ids=input_ids, **generate_kwargs)
-
-    def _run_forward(self, inputs: dict, qformer_input_ids, qformer_attention_mask, qfusion_input_ids,
-                     qfusion_attention_mask, qfusion_cache, kwargs):
-        fused = self.encoder_outputs(
-            input_ids=inputs["input_ids"], inputs_embeds=inputs["inputs_embeds"], pixel_values=inputs["pixel_values"],
-            interpolate_pos_encoding=inputs["interpolate_pos_encoding"], qformer_input_ids=qformer_input_ids,
-            qformer_attention_mask=qformer_attention_mask, qfusion_input_ids=qfusion_input_ids,
-            qfusion_attention_mask=qfusion_attention_mask, qfusion_cache=qfusion_cache,
-        )
-        if fused is not None:
-            if inputs["mm_encoder_outputs"] is not None:
-                raise ValueError(
-                    "mm_encoder_outputs: pass either precomputed image embeddings or pixel_values with "
-                    "qfusion_input_ids, not both"
-                )
-            inputs = dict(inputs, pixel_values=None, mm_encoder_outputs=fused)
-        if self.is_instruct:
-            inputs = dict(inputs, qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)
-        return self.host_method("forward")(**inputs, **kwargs)
-
-    def _run_generate(self, pixel_values, input_ids, attention_mask, inputs_embeds, interpolate_pos_encoding,
-                      qformer_input_ids, qformer_attention_mask, qfusion_input_ids, qfusion_attention_mask,
-                      qfusion_cache, generate_kwargs):
-        if pixel_values is None and qfusion_input_ids is None:
-            host = ({"qformer_input_ids": qformer_input_ids, "qformer_attention_mask": qformer_attention_mask}
-                    if self.is_instruct else {})
-            return self.host_method("generate")(pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                                                inputs_embeds=inputs_embeds,
-                                                interpolate_pos_encoding=interpolate_pos_encoding, **host,
-                                                **generate_kwargs)
-        fused = self.encoder_outputs(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding, qformer_input_ids=qformer_input_ids,
-            qformer_attention_mask=qformer_attention_mask, qfusion_input_ids=qfusion_input_ids,
-            qfusion_attention_mask=qfusion_attention_mask, qfusion_cache=qfusion_cache,
-        )
-        return self._generate(self.model, input_ids, attention_mask, fused, generate_kwargs)
-
-    def _patched_methods(self) -> dict[str, Callable]:
-        """The instance's new forward/generate: explicit signatures (the host's, plus the qfusion inputs)
-        that find their adapter on the model at call time."""
-        if self.is_instruct:
-            def forward(self, pixel_values=None, qformer_input_ids=None, qformer_attention_mask=None, input_ids=None,
-                        attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, inputs_embeds=None,
-                        labels=None, interpolate_pos_encoding=False, mm_encoder_outputs=None, qfusion_input_ids=None,
-                        qfusion_attention_mask=None, qfusion_cache=None, **kwargs):
-                """The host's forward, with the images compressed by the attached qfusion plugin.
-
-                qfusion_input_ids / qfusion_attention_mask: (B, G_max, L_max) question ids, right-padded;
-                    an all-zero mask row is an empty slot. qfusion_cache: a FusionCache for multi-turn use.
-                """
-                inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                              decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                              inputs_embeds=inputs_embeds, labels=labels,
-                              interpolate_pos_encoding=interpolate_pos_encoding, mm_encoder_outputs=mm_encoder_outputs)
-                return HostAdapter.of(self)._run_forward(inputs, qformer_input_ids, qformer_attention_mask,
-                                                         qfusion_input_ids, qfusion_attention_mask, qfusion_cache,
-                                                         kwargs)
-
-            @torch.no_grad()
-            def generate(self, pixel_values=None, qformer_input_ids=None, qformer_attention_mask=None, input_ids=None,
-                         attention_mask=None, inputs_embeds=None, interpolate_pos_encoding=False,
-                         qfusion_input_ids=None, qfusion_attention_mask=None, qfusion_cache=None, **generate_kwargs):
-                """The host's generate, with the images compressed by the attached qfusion plugin."""
-                return HostAdapter.of(self)._run_generate(
-                    pixel_values, input_ids, attention_mask, inputs_embeds, interpolate_pos_encoding,
-                    qformer_input_ids, qformer_attention_mask, qfusion_input_ids, qfusion_attention_mask,
-                    qfusion_cache, generate_kwargs)
-        else:
-            def forward(self, pixel_values=None, input_ids=None, attention_mask=None, decoder_input_ids=None,
-                        decoder_attention_mask=None, inputs_embeds=None, labels=None, interpolate_pos_encoding=False,
-                        mm_encoder_outputs=None, qfusion_input_ids=None, qfusion_attention_mask=None,
-                        qfusion_cache=None, **kwargs):
-                """The host's forward, with the images compressed by the attached qfusion plugin.
-
-                qfusion_input_ids / qfusion_attention_mask: (B, G_max, L_max) question ids, right-padded;
-                    an all-zero mask row is an empty slot. qfusion_cache: a FusionCache for multi-turn use.
-                """
-                inputs = dict(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
-                              decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                              inputs_embeds=inputs_embeds, labels=labels,
-                              interpolate_pos_encoding=interpolate_pos_encoding, mm_encoder_outputs=mm_encoder_outputs)
-                return HostAdapter.of(self)._run_forward(inputs, None, None, qfusion_input_ids,
-                                                         qfusion_attention_mask, qfusion_cache, kwargs)
-
-            @torch.no_grad()
-            def generate(self, pixel_values=None, input_ids=None, attention_mask=None, inputs_embeds=None,
-                         interpolate_pos_encoding=False, qfusion_input_ids=None, qfusion_attention_mask=None,
-                         qfusion_cache=None, **generate_kwargs):
-                """The host's generate, with the images compressed by the attached qfusion plugin."""
-                return HostAdapter.of(self)._run_generate(
-                    pixel_values, input_ids, attention_mask, inputs_embeds, interpolate_pos_encoding, None, None,
-                    qfusion_input_ids, qfusion_attention_mask, qfusion_cache, generate_kwargs)
-
-        return {"forward": forward, "generate": generate}

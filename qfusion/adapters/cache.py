@@ -37,7 +37,7 @@ class FusionCache:
     :class:`qfusion.QFusionProcessor` builds them. When the images equal the cached ones (or
     ``pixel_values`` is left out) and the earlier questions match, only the new questions run through
     the fusion: the vision tower and the vision prefix are not recomputed. Anything else (other
-    images, edited questions, another batch size, a changed m or n) refills the cache. The outputs
+    images, edited questions, another batch size, another budget (m, n)) refills the cache. The outputs
     are the same as without a cache.
 
     ``hits`` / ``misses`` count the calls that reused / refilled it. Meant for inference: under
@@ -62,11 +62,11 @@ class FusionCache:
         self._entry = None
 
     def _reusable(self, fusion: QuestionFusion, pixel_values: Tensor | None, context: Tensor | None,
-                  questions: list[list[Tensor]]) -> bool:
+                  questions: list[list[Tensor]], budget: tuple[int, int]) -> bool:
         entry = self._entry
         if entry is None or entry.owner() is not fusion or len(entry.questions) != len(questions):
             return False
-        if (entry.state.m, entry.state.n) != (fusion.config.m, fusion.config.n):
+        if (entry.state.m, entry.state.n) != tuple(budget):
             return False
         if pixel_values is not None and not _same(pixel_values, entry.pixel_values):
             return False
@@ -78,15 +78,17 @@ class FusionCache:
         return True
 
     def fuse(self, fusion: QuestionFusion, encode: Callable[[], tuple[list[Tensor], Any]],
-             pixel_values: Tensor | None, questions: list[list[Tensor]], context: Tensor | None = None):
+             pixel_values: Tensor | None, questions: list[list[Tensor]], budget: tuple[int, int],
+             context: Tensor | None = None):
         """(fused tokens per sample, per question; the host outputs of ``encode``), asking the fusion
         only what the cache lacks.
 
         encode: () -> (B (V_b, vision_dim) tensors in the fusion's dtype and device, host outputs the
             adapter needs again on later turns); called only when the cache is refilled.
+        budget: the (m, n) of this call; a cache filled under another budget is refilled.
         context: other inputs the images are encoded with; a change refills the cache.
         """
-        if self._reusable(fusion, pixel_values, context, questions):
+        if self._reusable(fusion, pixel_values, context, questions, budget):
             self.hits += 1
             entry = self._entry
         else:
@@ -99,7 +101,7 @@ class FusionCache:
             vision, host = encode()
             entry = _Entry(weakref.ref(fusion), pixel_values.detach().clone(),
                            None if context is None else context.detach().clone(), host,
-                           [[] for _ in questions], [[] for _ in questions], fusion.start(vision))
+                           [[] for _ in questions], [[] for _ in questions], fusion.start(vision, m=budget[0], n=budget[1]))
         pending = [sample[len(asked):] for sample, asked in zip(questions, entry.questions)]
         for step in range(max((len(p) for p in pending), default=0)):
             ask = [p[step] if step < len(p) else None for p in pending]

@@ -20,12 +20,11 @@ the tower on its own and :class:`qfusion.vision.HDFrontEnd` merges them (plain L
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
 from qfusion.adapters.base import HostAdapter
+from qfusion.adapters.patching import QFusionArguments
 
 
 class LlavaAdapter(HostAdapter):
@@ -38,7 +37,7 @@ class LlavaAdapter(HostAdapter):
     supports_hd = True
     llm_name = "model.language_model"
 
-    def _check_host(self) -> None:
+    def check_host(self) -> None:
         base = getattr(self.model, "model", None)
         for part in ("vision_tower", "multi_modal_projector", "language_model"):
             if not hasattr(base, part):
@@ -75,7 +74,7 @@ class LlavaAdapter(HostAdapter):
     def fusion_output_dim(self) -> int:
         return self.model.config.text_config.hidden_size
 
-    def _module_groups(self) -> dict[str, list[str]]:
+    def module_groups(self) -> dict[str, list[str]]:
         projector = ["model.multi_modal_projector"] + (["model.image_newline"] if self.is_next else [])
         return {"vision_tower": ["model.vision_tower"], "projector": projector,
                 "llm": ["model.language_model", "lm_head"]}
@@ -140,124 +139,53 @@ class LlavaAdapter(HostAdapter):
 
     # ------------------------------------------------------------------ the patched calls
 
-    def encoder_outputs(self, *, input_ids, inputs_embeds, pixel_values, image_sizes, vision_feature_layer,
-                        vision_feature_select_strategy, mm_encoder_outputs, qfusion_input_ids,
-                        qfusion_attention_mask, qfusion_cache):
-        """``mm_encoder_outputs`` holding the fused tokens of this call (or the caller's own when no
-        image or question is given: text-only calls, decoding steps, precomputed embeddings)."""
-        if pixel_values is None and qfusion_input_ids is None:
-            return mm_encoder_outputs
-        if mm_encoder_outputs is not None:
+    def encoder_outputs(self, args: dict, qfusion: QFusionArguments):
+        """``mm_encoder_outputs`` holding the fused tokens of this call, or None when it has no image
+        and no question (text-only calls, decoding steps, the caller's own precomputed embeddings)."""
+        pixel_values = args.get("pixel_values")
+        if pixel_values is None and not qfusion.given:
+            return None
+        if args.get("mm_encoder_outputs") is not None:
             raise ValueError(
                 "mm_encoder_outputs: pass either precomputed image embeddings or pixel_values with "
                 "qfusion_input_ids, not both"
             )
-        if inputs_embeds is not None:
+        if args.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds: not supported with qfusion inputs; pass input_ids")
-        if pixel_values is None and (qfusion_cache is None or qfusion_cache.is_empty):
+        if pixel_values is None and (qfusion.cache is None or qfusion.cache.is_empty):
             raise ValueError(
                 "pixel_values: required with qfusion_input_ids (unless a filled qfusion_cache holds the images)"
             )
-        questions = self._questions(qfusion_input_ids, qfusion_attention_mask, input_ids)
-        self._check_images(pixel_values, input_ids.shape[0])
+        input_ids = args.get("input_ids", args.get("inputs"))
+        budget = self.call_budget(qfusion)
+        questions = self.questions(qfusion, input_ids, budget)
 
         def encode():
-            return self.encode(pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy), None
+            return self.encode(pixel_values, args.get("image_sizes"), args.get("vision_feature_layer"),
+                               args.get("vision_feature_select_strategy")), None
 
-        tokens, _ = self.fused_tokens(encode, pixel_values, questions, qfusion_cache)
+        tokens, _ = self.fused_tokens(encode, pixel_values, questions, qfusion.cache, budget)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         embed = self.model.get_input_embeddings().weight
         per_sample = [torch.cat(groups).to(device=embed.device, dtype=embed.dtype) for groups in tokens]
         return {"image": BaseModelOutputWithPooling(pooler_output=per_sample)}
 
-    def _run_forward(self, inputs: dict, qfusion_input_ids, qfusion_attention_mask, qfusion_cache, kwargs):
-        mm_encoder_outputs = self.encoder_outputs(
-            input_ids=inputs["input_ids"], inputs_embeds=inputs["inputs_embeds"],
-            pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-            vision_feature_layer=inputs["vision_feature_layer"],
-            vision_feature_select_strategy=inputs["vision_feature_select_strategy"],
-            mm_encoder_outputs=inputs["mm_encoder_outputs"], qfusion_input_ids=qfusion_input_ids,
-            qfusion_attention_mask=qfusion_attention_mask, qfusion_cache=qfusion_cache,
-        )
-        inputs = dict(inputs, pixel_values=None, mm_encoder_outputs=mm_encoder_outputs)
-        return self.host_method("forward")(**inputs, **kwargs)
+    def _with_fused_tokens(self, args: dict, qfusion: QFusionArguments) -> dict:
+        mm_encoder_outputs = self.encoder_outputs(args, qfusion)
+        if mm_encoder_outputs is None:
+            return args
+        args = {k: v for k, v in args.items() if k != "pixel_values"}
+        args["mm_encoder_outputs"] = mm_encoder_outputs
+        return args
 
-    def _run_generate(self, input_ids, attention_mask, pixel_values, image_sizes, vision_feature_layer,
-                      vision_feature_select_strategy, mm_encoder_outputs, qfusion_input_ids, qfusion_attention_mask,
-                      qfusion_cache, generate_kwargs):
-        host_generate = self.host_method("generate")
-        if pixel_values is None and qfusion_input_ids is None:
-            host_kwargs = {"image_sizes": image_sizes, "vision_feature_layer": vision_feature_layer,
-                           "vision_feature_select_strategy": vision_feature_select_strategy,
-                           "mm_encoder_outputs": mm_encoder_outputs}
-            generate_kwargs.update({k: v for k, v in host_kwargs.items() if v is not None})
-            return host_generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        mm_encoder_outputs = self.encoder_outputs(
-            input_ids=input_ids, inputs_embeds=generate_kwargs.get("inputs_embeds"), pixel_values=pixel_values,
-            image_sizes=image_sizes, vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy, mm_encoder_outputs=mm_encoder_outputs,
-            qfusion_input_ids=qfusion_input_ids, qfusion_attention_mask=qfusion_attention_mask,
-            qfusion_cache=qfusion_cache,
-        )
-        return host_generate(input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs=mm_encoder_outputs,
-                             **generate_kwargs)
+    def patched_forward(self, args: dict, qfusion: QFusionArguments):
+        """The host's forward with the images compressed by the plugin."""
+        return self.host_method("forward")(**self._with_fused_tokens(args, qfusion))
 
-    def _patched_methods(self) -> dict[str, Callable]:
-        """The instance's new forward/generate: explicit signatures (the host's, plus the qfusion inputs)
-        that find their adapter on the model at call time."""
-        if self.is_next:  # the host's positional order
-            def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None,
-                        position_ids=None, past_key_values=None, inputs_embeds=None, vision_feature_layer=None,
-                        vision_feature_select_strategy=None, labels=None, logits_to_keep=0, mm_encoder_outputs=None,
-                        qfusion_input_ids=None, qfusion_attention_mask=None, qfusion_cache=None, **kwargs):
-                """The host's forward, with the images compressed by the attached qfusion plugin.
-
-                qfusion_input_ids / qfusion_attention_mask: (B, G_max, L_max) question ids, right-padded;
-                    an all-zero mask row is an empty slot. input_ids must hold m image placeholders before
-                    a sample's first question and n before each later one.
-                qfusion_cache: a FusionCache reused across the turns of a conversation (optional).
-                """
-                inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes,
-                              attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                              inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
-                              vision_feature_select_strategy=vision_feature_select_strategy, labels=labels,
-                              logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs)
-                return HostAdapter.of(self)._run_forward(inputs, qfusion_input_ids, qfusion_attention_mask,
-                                                         qfusion_cache, kwargs)
-        else:
-            def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                        past_key_values=None, inputs_embeds=None, vision_feature_layer=None,
-                        vision_feature_select_strategy=None, labels=None, logits_to_keep=0, image_sizes=None,
-                        mm_encoder_outputs=None, qfusion_input_ids=None, qfusion_attention_mask=None,
-                        qfusion_cache=None, **kwargs):
-                """The host's forward, with the images compressed by the attached qfusion plugin.
-
-                qfusion_input_ids / qfusion_attention_mask: (B, G_max, L_max) question ids, right-padded;
-                    an all-zero mask row is an empty slot. input_ids must hold m image placeholders before
-                    a sample's first question and n before each later one.
-                qfusion_cache: a FusionCache reused across the turns of a conversation (optional).
-                """
-                inputs = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                              position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                              vision_feature_layer=vision_feature_layer,
-                              vision_feature_select_strategy=vision_feature_select_strategy, labels=labels,
-                              logits_to_keep=logits_to_keep, image_sizes=image_sizes,
-                              mm_encoder_outputs=mm_encoder_outputs)
-                return HostAdapter.of(self)._run_forward(inputs, qfusion_input_ids, qfusion_attention_mask,
-                                                         qfusion_cache, kwargs)
-
-        @torch.no_grad()
-        def generate(self, input_ids=None, pixel_values=None, attention_mask=None, image_sizes=None,
-                     vision_feature_layer=None, vision_feature_select_strategy=None, mm_encoder_outputs=None,
-                     qfusion_input_ids=None, qfusion_attention_mask=None, qfusion_cache=None, **generate_kwargs):
-            """The host's generate, with the images compressed by the attached qfusion plugin.
-
-            Takes what ``forward`` takes (see there) plus the usual generation arguments.
-            """
-            return HostAdapter.of(self)._run_generate(
-                input_ids, attention_mask, pixel_values, image_sizes, vision_feature_layer,
-                vision_feature_select_strategy, mm_encoder_outputs, qfusion_input_ids, qfusion_attention_mask,
-                qfusion_cache, generate_kwargs)
-
-        return {"forward": forward, "generate": generate}
+    def patched_generate(self, args: dict, qfusion: QFusionArguments):
+        """The host's generate with the images compressed by the plugin."""
+        self.check_generation_inputs(args.get("input_ids", args.get("inputs")), args.get("attention_mask"))
+        with torch.no_grad():
+            args = self._with_fused_tokens(args, qfusion)
+        return self.host_method("generate")(**args)
