@@ -48,7 +48,8 @@ from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, 
 import qfusion
 from qfusion import FusionConfig, QFusionProcessor
 from qfusion.adapters import get_adapter
-from qfusion.adapters.base import split_questions
+from qfusion.config import RUNTIME_FIELDS
+from qfusion.inputs import decode_questions
 from qfusion.answer_encoder import AnswerEncoder
 from qfusion.losses import contrastive_loss, generation_loss, identity_loss
 
@@ -175,47 +176,87 @@ def answers_of(conversation: list[dict]) -> list[str]:
 
 
 class Collator:
-    """Builds the host inputs, the ``qfusion_*`` questions and the answer-only labels of a batch."""
+    """Builds the host inputs, the ``qfusion_*`` questions (with their ``qfusion_budget``) and the
+    answer-only labels of a batch.
 
-    def __init__(self, processor: QFusionProcessor, answer_tokenizer=None, budgets=None, seed: int = 0):
-        self.processor = processor
+    processors: budget (m, n) -> the QFusionProcessor building inputs for it; with several, one is
+        drawn per micro-batch (elastic training: nested slots make every budget the same module).
+    """
+
+    def __init__(self, processors: dict, answer_tokenizer=None, seed: int = 0):
+        self.processors = processors
         self.answer_tokenizer = answer_tokenizer
-        self.budgets = budgets
         self.rng = random.Random(seed)
 
     def __call__(self, batch):
         images, conversations = zip(*batch)
-        budget = None
-        if self.budgets:
-            # elastic: a budget per micro-batch, nested slots make every (m, n) the same module
-            m = self.rng.choice(self.budgets)
-            budget = (m, self.rng.choice([b for b in self.budgets if b <= m]))
-            self.processor.m, self.processor.n = budget
-        inputs = self.processor(images=list(images), conversations=list(conversations), return_labels=True,
-                                add_generation_prompt=False)
+        budget = self.rng.choice(sorted(self.processors))
+        inputs = self.processors[budget](images=list(images), conversations=list(conversations), return_labels=True,
+                                         add_generation_prompt=False)
         if self.answer_tokenizer is not None:
             # one answer per question group, in batch order (questions without an answer are dropped)
             answers = [a for c in conversations for a in answers_of(c)]
             tokens = self.answer_tokenizer(answers, padding=True, truncation=True, return_tensors="pt")
             inputs["answer_input_ids"], inputs["answer_attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
-        if budget is not None:
-            inputs["qfusion_budget"] = torch.tensor(budget)
         return inputs
+
+
+def elastic_budgets(budgets: list) -> list[tuple[int, int]]:
+    """Every (m, n) with m and n <= m drawn from ``budgets``."""
+    return sorted({(m, n) for m in budgets for n in budgets if n <= m})
+
+
+RECONFIGURABLE = ("m", "n", "use_question")
+"""Fusion settings a run may change on a loaded plugin (they change no weight)."""
+
+
+def plugin_changes(cfg: "TrainConfig") -> tuple[dict, dict]:
+    """(reconfigurable changes, runtime choices) of ``cfg.fusion`` for a loaded plugin; any other
+    setting must equal the plugin's, else an error naming it."""
+    saved = FusionConfig.from_pretrained(cfg.plugin).to_dict()
+    changes, runtime = {}, {}
+    for key, value in cfg.fusion.items():
+        if key in RUNTIME_FIELDS:
+            runtime[key] = value
+        elif key in RECONFIGURABLE:
+            changes[key] = value
+        elif key not in saved:
+            raise ValueError(f"fusion.{key}: not a FusionConfig field")
+        elif saved[key] is not None and value != saved[key]:
+            raise ValueError(
+                f"fusion.{key}: the plugin {cfg.plugin!r} was built with {key}={saved[key]!r}, the config asks "
+                f"for {value!r}; drop the setting or train a new plugin (only {list(RECONFIGURABLE)} may change)"
+            )
+    return changes, runtime
 
 
 def build(cfg: TrainConfig):
     """Host with the plugin attached (+ LoRA), the processor, and for align the answer encoder."""
     model = AutoModelForImageTextToText.from_pretrained(cfg.model)
     host_processor = AutoProcessor.from_pretrained(cfg.model)
-    fusion = cfg.plugin if cfg.plugin else FusionConfig(**cfg.fusion)
-    adapter = qfusion.attach(model, fusion, train_vision_tower=cfg.train_vision_tower)
-    if cfg.plugin:  # sweep settings (and any other fusion keys that may change after training) apply here
-        set_fusion(model, **{k: v for k, v in cfg.fusion.items() if k in ("m", "n", "use_question")})
+    if cfg.plugin:
+        changes, runtime = plugin_changes(cfg)
+        adapter = qfusion.attach(model, cfg.plugin, train_vision_tower=cfg.train_vision_tower, **runtime)
+        if changes:  # e.g. a sweep setting: the plugin of this run is saved with it
+            adapter.fusion.configure(**changes)
+    else:
+        runtime = {k: v for k, v in cfg.fusion.items() if k in RUNTIME_FIELDS}
+        architecture = {k: v for k, v in cfg.fusion.items() if k not in RUNTIME_FIELDS}
+        adapter = qfusion.attach(model, FusionConfig(**architecture), train_vision_tower=cfg.train_vision_tower,
+                                 **runtime)
     if cfg.lora and cfg.stage != "align":
         from peft import get_peft_model
 
         model = get_peft_model(model, qfusion.lora_config(model, r=cfg.lora_r))
-    processor = QFusionProcessor(host_processor, model)
+    if cfg.stage == "elastic":
+        codebook = adapter.fusion.config.codebook_size
+        too_large = [b for b in cfg.budgets if b > codebook]
+        if too_large:
+            raise ValueError(f"budgets: {too_large} exceed the plugin's codebook_size={codebook}")
+        budgets = elastic_budgets(cfg.budgets)
+    else:
+        budgets = [adapter.budget]
+    processors = {(m, n): QFusionProcessor(host_processor, model, m=m, n=n) for m, n in budgets}
     encoder = None
     if cfg.stage == "align":
         text_model = AutoModel.from_pretrained(cfg.text_encoder)
@@ -223,17 +264,18 @@ def build(cfg: TrainConfig):
             text_model = text_model.text_model
         encoder = AnswerEncoder(text_model, adapter.fusion.config.contrastive_dim, pooling=cfg.text_pooling)
         encoder.tokenizer = AutoTokenizer.from_pretrained(cfg.text_encoder)
-    return model, adapter, processor, encoder
+    return model, adapter, processors, encoder
 
 
 def align_loss(model, encoder: AnswerEncoder, batch) -> torch.Tensor:
     """Stage 1: contrastive (⟨eos⟩ vs answer) + λ·identity, through the fusion only (no LLM forward)."""
     adapter = get_adapter(model)
     fusion = adapter.fusion
-    questions = split_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"],
-                                batch["input_ids"].shape[0])
+    questions = decode_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"],
+                                 batch["input_ids"].shape[0])
     features = [f.to(fusion.dtype) for f in adapter.encode(batch["pixel_values"])]
-    out = fusion(features, [[q.to(fusion.device) for q in sample] for sample in questions])
+    m, n = batch["qfusion_budget"]
+    out = fusion(features, [[q.to(fusion.device) for q in sample] for sample in questions], m=m, n=n)
     answer_ids = batch["answer_input_ids"]
     num = answer_ids.shape[0]
     if num != out.eos_embed.shape[0]:
@@ -256,13 +298,13 @@ def train(cfg: TrainConfig) -> dict:
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
     set_seed(cfg.seed)
-    model, adapter, processor, encoder = build(cfg)
+    model, adapter, processors, encoder = build(cfg)
     dataset = ConversationDataset(cfg.data, cfg.image_root)
     if cfg.stage == "sweep":
         count = max(1, int(len(dataset) * cfg.sweep_fraction))
         dataset.records = random.Random(cfg.seed).sample(dataset.records, count)
-    collate = Collator(processor, encoder.tokenizer if encoder is not None else None,
-                       budgets=cfg.budgets if cfg.stage == "elastic" else None, seed=cfg.seed + accelerator.process_index)
+    collate = Collator(processors, encoder.tokenizer if encoder is not None else None,
+                       seed=cfg.seed + accelerator.process_index)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum / accelerator.num_processes)
@@ -294,9 +336,7 @@ def train(cfg: TrainConfig) -> dict:
         for batch in loader:
             if step >= total_steps:
                 break
-            if "qfusion_budget" in batch:
-                m, n = batch.pop("qfusion_budget").tolist()
-                set_fusion(fusion_model, m=m, n=n)
+            m, n = batch["qfusion_budget"]
             with accelerator.accumulate(model):
                 if cfg.stage == "align":
                     loss = align_loss(fusion_model, encoder, batch)
@@ -318,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
             step += 1
             bar.update(1)
             last = {"step": step, "loss": accelerator.gather(loss.detach()).float().mean().item(),
-                    "lr": scheduler.get_last_lr()[0], "m": get_adapter(fusion_model).m, "n": get_adapter(fusion_model).n}
+                    "lr": scheduler.get_last_lr()[0], "m": m, "n": n}
             if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total_steps):
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -330,16 +370,8 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         get_adapter(accelerator.unwrap_model(model)).save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
+        next(iter(processors.values())).save_pretrained(out_dir)  # its question settings; the budget is the plugin's
     return last
-
-
-def set_fusion(model, **changes) -> None:
-    """Change the attached plugin's m, n or use_question in place (validated as a FusionConfig)."""
-    config = get_adapter(model).fusion.config
-    replace(config, **changes)  # raises on an invalid combination
-    for key, value in changes.items():
-        setattr(config, key, value)
 
 
 def main(argv=None) -> None:
@@ -347,7 +379,8 @@ def main(argv=None) -> None:
     if cfg.stage != "sweep":
         train(cfg)
         return
-    settings = [(m, n, True) for m, n in cfg.sweep] + ([(cfg.fusion.get("m", 64), cfg.fusion.get("n", 16), False)]
+    base = FusionConfig.from_pretrained(cfg.plugin) if cfg.plugin else FusionConfig(**cfg.fusion)
+    settings = [(m, n, True) for m, n in cfg.sweep] + ([(cfg.fusion.get("m", base.m), cfg.fusion.get("n", base.n), False)]
                                                       if cfg.sweep_no_question else [])
     for m, n, use_question in settings:
         name = f"m{m}-n{n}" + ("" if use_question else "-no-question")

@@ -212,6 +212,21 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
     def dtype(self) -> torch.dtype:
         return self.eos.dtype
 
+    RECONFIGURABLE = ("m", "n", "use_question", "attn_impl", "gradient_checkpointing")
+    """Settings that change no weight: the default budget, the no-question ablation, runtime choices."""
+
+    def configure(self, **changes) -> None:
+        """Change settings that change no weight (:attr:`RECONFIGURABLE`), e.g. the default budget a
+        fine-tuned plugin is saved with; the config is replaced, never edited in place."""
+        fixed = sorted(set(changes) - set(self.RECONFIGURABLE))
+        if fixed:
+            raise ValueError(
+                f"changes: {fixed} define the weights and cannot change on a built module; "
+                f"reconfigurable: {list(self.RECONFIGURABLE)}"
+            )
+        self.config = self.config.replace(**changes)
+        self._hub_mixin_config = self.config.architecture_dict()
+
     @property
     def attn_impl(self) -> str:
         """The attention implementation this module runs with (a runtime choice, not saved)."""
@@ -221,7 +236,7 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
     def attn_impl(self, value: str) -> None:
         if value not in IMPLEMENTATIONS:
             raise ValueError(f"attn_impl: expected one of {IMPLEMENTATIONS}, got {value!r}")
-        self.config = self.config.replace(attn_impl=value)
+        self.configure(attn_impl=value)
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -230,7 +245,7 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, value: bool) -> None:
-        self.config = self.config.replace(gradient_checkpointing=value)
+        self.configure(gradient_checkpointing=value)
 
     @property
     def device(self) -> torch.device:

@@ -343,3 +343,14 @@ def test_config_json_round_trip(tmp_path):
         FusionConfig.from_dict({**config.to_dict(), "hiden_size": 3})
     with pytest.raises(FileNotFoundError, match="config.json"):
         FusionConfig.from_pretrained(tmp_path / "nowhere")
+
+
+def test_configure_changes_only_settings_that_change_no_weight(tmp_path):
+    fusion = tiny_fusion(dtype=torch.float32)
+    fusion.configure(m=2, n=1, use_question=False)
+    assert (fusion.config.m, fusion.config.n, fusion.config.use_question) == (2, 1, False)
+    fusion.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["m"], saved["n"], saved["use_question"]) == (2, 1, False)
+    with pytest.raises(ValueError, match=r"\['hidden_size'\] define the weights"):
+        fusion.configure(hidden_size=32)

@@ -98,11 +98,35 @@ def test_elastic_and_sweep_stages(workspace):
         "--set", "budgets=[1, 2, 4]")
     rows = metrics(elastic)
     assert len(rows) == 4 and {r["m"] for r in rows} <= {1, 2, 4}
+    assert json.loads((elastic / "config.json").read_text())["m"] == 4  # the configured budget, not the last drawn
     sweep = workspace / "sweep"
     run(workspace, "--stage", "sweep", "--output-dir", str(sweep), "--set", "max_steps=2",
         "--set", "sweep=[[2, 1]]", "--set", "sweep_no_question=true", "--set", "sweep_fraction=0.5")
     assert json.loads((sweep / "m2-n1" / "config.json").read_text())["m"] == 2
     assert json.loads((sweep / "m4-n2-no-question" / "config.json").read_text())["use_question"] is False
+
+
+def test_elastic_runs_save_the_configured_budget_whatever_was_drawn(workspace):
+    for seed in (0, 1, 2):
+        out = workspace / f"elastic-seed{seed}"
+        run(workspace, "--stage", "elastic", "--output-dir", str(out), "--set", "max_steps=3",
+            "--set", "budgets=[1, 2, 4]", "--set", f"seed={seed}", "--set", "batch_size=2")
+        drawn = {(r["m"], r["n"]) for r in metrics(out)}
+        assert drawn <= {(m, n) for m in (1, 2, 4) for n in (1, 2, 4) if n <= m}
+        saved = json.loads((out / "config.json").read_text())
+        assert (saved["m"], saved["n"]) == (4, 2), (seed, drawn)
+        assert "attn_impl" not in saved
+
+
+def test_a_plugin_setting_that_contradicts_the_loaded_plugin_is_an_error(workspace):
+    align = workspace / "align-for-contradiction"
+    run(workspace, "--stage", "align", "--output-dir", str(align), "--set", "max_steps=1")
+    with pytest.raises(ValueError, match=r"fusion.num_layers: the plugin .* was built with num_layers=2"):
+        run(workspace, "--stage", "generate", "--plugin", str(align), "--output-dir", str(workspace / "x"),
+            "--set", "max_steps=1", "--set", "fusion={num_layers: 3, mask: grouped}")
+    with pytest.raises(ValueError, match="budgets: \\[32\\] exceed the plugin's codebook_size=16"):
+        run(workspace, "--stage", "elastic", "--output-dir", str(workspace / "y"), "--set", "max_steps=1",
+            "--set", "budgets=[1, 32]")
 
 
 def test_bad_config_is_rejected(workspace):
