@@ -1,12 +1,15 @@
 """The host libraries' version check reads pyproject's ranges from the package metadata."""
 
+import re
 from pathlib import Path
 
 import pytest
+from conftest_hosts import fusion_config, hosts  # noqa: F401
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+import qfusion
 from qfusion import _versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +71,18 @@ def test_a_version_below_the_floor_raises_naming_library_version_and_floor(pypro
     message = str(error.value)
     assert message.startswith(f"{library}:")
     assert str(installed[name]) in message and f">={floors[name]}" in message
+
+
+def test_attach_refuses_a_transformers_below_the_floor_before_touching_the_host(hosts, pyproject_metadata,
+                                                                              monkeypatch):
+    model = hosts.model("llava")
+    floors = pyproject_floors()
+    old = just_below(floors["transformers"])
+    fake_installed(monkeypatch, dict(floors, transformers=old))
+    expected = f"needs transformers>={floors['transformers']}, found transformers {old}"
+    with pytest.raises(ImportError, match=re.escape(expected)):
+        qfusion.attach(model, fusion_config())
+    assert "qfusion" not in model._modules and "forward" not in vars(model)
 
 
 def test_the_floor_and_later_releases_pass(pyproject_metadata, monkeypatch):
