@@ -11,9 +11,12 @@ each mask policy, and plain causal attention (B=4, H=16, L in 1k/4k/8k), for:
 * ``flex``: FlexAttention compiled (fullgraph) with a BlockMask of the same rule on the padded batch;
 * ``varlen``: ``flash_attn_varlen_func`` or torch's ``varlen_attn``, plain causal only.
 
-FLOPs are counted on the visible (query, key) pairs only: 4·D·H·pairs forward, 2.5x that backward.
-Prints a table and writes JSON to ``benchmarks/results/<device>.json``. Without a GPU it says so
-and times the CPU baselines (eager, sdpa, flex forward) on reduced sizes.
+FLOPs are counted on the visible (query, key) pairs (4·D·H·pairs forward, 2.5x that backward) and,
+for the kernel, also on the tiles it executes. Prints a table and a goal table (pass / fail) and
+writes JSON to ``benchmarks/results/<device>.json`` after every case, with versions, the git
+revision and the kernel's launch configs. A case that fails (Triton's ``OutOfResources`` and
+``CompilationError`` included) is recorded with its error and the run goes on. Without a GPU it
+says so and times the CPU baselines (eager, sdpa, flex forward) on reduced sizes.
 
     python benchmarks/bench_attention.py [--subset quick|full] [--policies causal,grouped]
         [--impls triton,sdpa-mem,flex] [--repeats 10] [--cpu-sizes] [--out PATH]
@@ -22,6 +25,7 @@ and times the CPU baselines (eager, sdpa, flex forward) on reduced sizes.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import itertools
 import json
@@ -29,6 +33,7 @@ import math
 import platform
 import re
 import statistics
+import subprocess
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -39,11 +44,19 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from qfusion.layout import POLICIES, TEXT, AttentionMeta, dense_mask, pack
-from qfusion.ops.attention import _pad, eager_attention, padded_mask
+from qfusion.ops.attention import _pad, eager_attention, interpreter_active, padded_mask
 
 RESULTS = Path(__file__).parent / "results"
 PASSES = ("fwd", "bwd", "fwd+bwd")
 EAGER_MAX_SCORES = 2**27  # eager materialises B·H·L² scores: only small shapes
+GOAL_FUSION = (32, 1450, 2, 64)  # (B, V, G, m) of the fusion goal shape, L ≈ 1.6k
+GOALS = {  # name -> target
+    "fusion fwd+bwd vs flex": 1.2,
+    "fusion fwd+bwd vs sdpa padded": 3.0,
+    "causal fwd+bwd vs varlen": 1.0,
+    "fwd % of peak at L=4k causal d=128": 45.0,
+    "masked/causal time vs tile ratio (max deviation)": 0.05,
+}
 
 
 @dataclass(frozen=True)
@@ -80,8 +93,8 @@ class Case:
 def fusion_cases(subset: str, heads: int, policies) -> list[Case]:
     if subset == "full":
         grid = itertools.product((1, 8, 32), (576, 1450, 2900), (1, 2, 3, 4), (64, 256, 768), (64, 128))
-    elif subset == "quick":
-        grid = [(b, v, g, m, d) for (b, v, g, m) in ((1, 576, 1, 64), (8, 1450, 2, 256), (32, 2900, 4, 768))
+    elif subset == "quick":  # the goal shape first
+        grid = [(b, v, g, m, d) for (b, v, g, m) in (GOAL_FUSION, (1, 576, 1, 64), (8, 1450, 2, 256))
                 for d in (64, 128)]
     else:  # cpu
         grid = [(1, 576, 1, 64, 64), (4, 576, 2, 64, 64)]
@@ -180,10 +193,18 @@ def flex_runner(q, k, v, meta, policy, device):
     # Compiled mask creation on a GPU: it never materialises the (B, L, L) intermediates.
     block_mask = create_block_mask(mask_mod, meta.num_samples, None, length, length, device=device,
                                    _compile=device == "cuda")
-    compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    compiled = compiled_flex()
     # CPU FlexAttention refuses inputs that require grad (it has no backward there).
     qp, kp, vp = (padded(x.detach(), meta).requires_grad_(device == "cuda") for x in (q, k, v))
     return (lambda: compiled(qp, kp, vp, block_mask=block_mask)), (qp, kp, vp)
+
+
+@functools.cache
+def compiled_flex():
+    """One compiled FlexAttention for the whole run (dynamo specialises it once per shape)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, fullgraph=True, dynamic=False)
 
 
 def varlen_runner(q, k, v, meta):
@@ -216,6 +237,9 @@ def runners(case: Case, impls, q, k, v, meta, device):
     unpad = unpadder(meta)
     out = {}
     if "triton" in impls and device == "cuda":
+        out["triton"] = (lambda: triton_fusion_attention(q, k, v, meta, meta, policy=case.policy), packed, None)
+    if "triton" in impls and device == "cpu" and interpreter_active() and q.dtype != torch.bfloat16:
+        # Under the interpreter: correctness and harness only, never a speed.
         out["triton"] = (lambda: triton_fusion_attention(q, k, v, meta, meta, policy=case.policy), packed, None)
     if "eager" in impls and case.batch * case.heads * meta.max_seqlen**2 <= EAGER_MAX_SCORES:
         out["eager"] = (lambda: eager_attention(q, k, v, meta, meta, case.policy, scale), packed, None)
@@ -280,13 +304,16 @@ def measure_case(case: Case, impls, device, dtype, measure) -> list[dict]:
     flops_fwd = 4 * case.head_dim * case.heads * pairs
     # The tiles the GPU kernel's forward would run for this layout (this device's, else sm_90's, bfloat16 config).
     capability = torch.cuda.get_device_capability() if device == "cuda" else (9, 0)
-    fwd = select_config(capability, torch.bfloat16, case.head_dim).fwd
-    tiles = tile_stats(meta, meta, case.policy, fwd.block_m, fwd.block_n)
+    config = select_config(capability, torch.bfloat16, case.head_dim)
+    tiles = tile_stats(meta, meta, case.policy, config.fwd.block_m, config.fwd.block_n)
+    flops_executed = 4 * case.head_dim * case.heads * tiles.executed * config.fwd.block_m * config.fwd.block_n
     reference = math_reference(case, q, k, v, meta)
     rows = []
     for name, (fn, inputs, unpad) in runners(case, impls, q, k, v, meta, device).items():
         row = dict(case=case.name, **asdict(case), impl=name, visible_pairs=pairs,
                    executed_tile_fraction=tiles.executed_fraction)
+        if name == "triton":
+            row["kernel_config"] = config.as_ints()
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -304,12 +331,15 @@ def measure_case(case: Case, impls, device, dtype, measure) -> list[dict]:
                 grad = torch.randn_like(out)
                 row["bwd_ms"] = measure(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True))
                 row["fwd+bwd_ms"] = measure(lambda: torch.autograd.grad(fn(), inputs, grad))
-        except (RuntimeError, NotImplementedError) as error:  # e.g. a backend that rejects this mask
-            row["note"] = f"unsupported: {str(error).splitlines()[0][:100]}"
+        except Exception as error:  # noqa: BLE001 - a backend that rejects this mask, OutOfResources, ...
+            lines = str(error).strip().splitlines()
+            row["note"] = f"failed: {type(error).__name__}: {lines[0][:100] if lines else ''}"
         for p in PASSES:
             if f"{p}_ms" in row:
-                flops = flops_fwd * {"fwd": 1, "bwd": 2.5, "fwd+bwd": 3.5}[p]
-                row[f"{p}_tflops"] = flops / row[f"{p}_ms"] / 1e9
+                factor = {"fwd": 1, "bwd": 2.5, "fwd+bwd": 3.5}[p]
+                row[f"{p}_tflops"] = flops_fwd * factor / row[f"{p}_ms"] / 1e9
+                if name == "triton":
+                    row[f"{p}_executed_tflops"] = flops_executed * factor / row[f"{p}_ms"] / 1e9
         rows.append(row)
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -359,6 +389,72 @@ def print_table(rows: list[dict], peak: float) -> None:
         print(" ".join(cells) + "  " + row.get("note", ""))
 
 
+def goal_table(rows: list[dict], fusion: tuple[int, int, int, int] = GOAL_FUSION) -> list[dict]:
+    """The goals (:data:`GOALS`) met or missed, from rows with case/policy/impl and times.
+
+    fusion: (B, V, G, m) of the fusion shape the fusion goals are read at.
+    A goal whose measurements are missing is listed with value None and counted as missed.
+    """
+    by = {(r["case"], r["policy"], r["impl"]): r for r in rows}
+
+    def ratio(case, policy, slow_impls, key):
+        fast = by.get((case, policy, "triton"), {})
+        slow = next((by[(case, policy, s)] for s in slow_impls if (case, policy, s) in by), {})
+        return slow[key] / fast[key] if key in slow and key in fast else None
+
+    goals = []
+
+    def add(goal, case, value, higher_is_better=True):
+        target = GOALS[goal]
+        met = value is not None and (value >= target if higher_is_better else value <= target)
+        goals.append(dict(goal=goal, case=case, value=value, target=target, met=met))
+
+    triton_rows = [r for r in rows if r["impl"] == "triton"]
+    for r in triton_rows:
+        where = f"{r['case']} {r['policy']}"
+        if r.get("length"):
+            add("causal fwd+bwd vs varlen", where, ratio(r["case"], r["policy"], ("fa-varlen", "torch-varlen"), "fwd+bwd_ms"))
+            if r["length"] == 4096 and r["head_dim"] == 128:
+                add("fwd % of peak at L=4k causal d=128", where, r.get("fwd_peak_percent"))
+            continue
+        if (r["batch"], r["vision"], r["questions"], r["m"]) != tuple(fusion):
+            continue
+        add("fusion fwd+bwd vs flex", where, ratio(r["case"], r["policy"], ("flex",), "fwd+bwd_ms"))
+        add("fusion fwd+bwd vs sdpa padded", where, ratio(r["case"], r["policy"], ("sdpa-mem", "sdpa"), "fwd+bwd_ms"))
+        causal = by.get((r["case"], "causal", "triton"), {})
+        if r["policy"] != "causal":
+            deviation = None
+            if "fwd_ms" in r and "fwd_ms" in causal:
+                tile_ratio = r["executed_tile_fraction"] / causal["executed_tile_fraction"]
+                deviation = abs(r["fwd_ms"] / causal["fwd_ms"] / tile_ratio - 1)
+            add("masked/causal time vs tile ratio (max deviation)", where, deviation, higher_is_better=False)
+    return goals
+
+
+def print_goals(goals: list[dict]) -> None:
+    print(f"\n{'goal':50} {'case':36} {'value':>8} {'target':>7}  met")
+    for g in goals:
+        value = "-" if g["value"] is None else f"{g['value']:.3g}"
+        print(f"{g['goal']:50} {g['case']:36} {value:>8} {g['target']:>7}  {'yes' if g['met'] else 'no'}")
+
+
+def versions() -> dict:
+    """Library versions and the git revision, for the result file."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                  text=True, timeout=5).stdout.strip() or None
+    except Exception:  # noqa: BLE001 - no git on the machine is fine
+        revision = None
+    return dict(python=platform.python_version(), torch=torch.__version__, triton=triton_version,
+                cuda=torch.version.cuda, git=revision)
+
+
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -400,19 +496,23 @@ def main(argv=None) -> dict:
     cases = fusion_cases(subset, args.heads, args.policies.split(","))
     if not args.no_causal:
         cases += causal_cases(subset, args.heads)
-    rows = []
-    for case in cases:
-        rows += measure_case(case, impls, device, dtype, measure)
-    add_ratios(rows)
-    print_table(rows, peak)
 
     name = device_name(device)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     path = Path(args.out) if args.out else RESULTS / (f"{slug}.json" if device == "cuda" else f"cpu-{slug}.json")
-    result = {"device": name, "dtype": str(dtype), "torch": torch.__version__, "matmul_peak_tflops": peak,
-              "flops": "4·D·H·visible pairs forward, 2.5x backward", "warmup": args.warmup,
-              "repeats": args.repeats, "rows": rows}
+    result = {"device": name, "dtype": str(dtype), **versions(), "matmul_peak_tflops": peak,
+              "flops": "4·D·H·visible pairs forward (executed: 4·D·H·executed tiles·block_m·block_n), 2.5x backward",
+              "kernel_config": "block_m, block_n, num_warps, num_stages of fwd, dkdv, dq",
+              "warmup": args.warmup, "repeats": args.repeats, "rows": []}
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = result["rows"]
+    for case in cases:
+        rows += measure_case(case, impls, device, dtype, measure)
+        path.write_text(json.dumps(result, indent=2) + "\n")  # as it goes: a crash keeps what was measured
+    add_ratios(rows)
+    print_table(rows, peak)
+    result["goals"] = goal_table(rows)
+    print_goals(result["goals"])
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return result

@@ -203,3 +203,12 @@ def test_eager_half_stays_finite_at_large_logits(dtype):
                             layout.meta, layout.meta, policy="prefix", impl="eager")
     assert got.dtype == dtype and torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2 * torch.finfo(dtype).eps * want.abs().max().item())
+
+
+def test_readme_attention_backends_example_runs():
+    from readme_blocks import python_blocks
+
+    blocks = python_blocks("Attention backends")
+    assert blocks, "the README's attention section has no example"
+    for block in blocks:
+        exec(compile(block, "README.md (Attention backends)", "exec"), {})

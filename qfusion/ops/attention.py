@@ -8,7 +8,8 @@
 * ``sdpa``: ``scaled_dot_product_attention`` on a per-sample padded batch with a (B, 1, Lq, Lk)
   boolean mask (never one mask over the whole packed batch).
 * ``flex``: FlexAttention over the packed sequence with a ``BlockMask`` built from the rule
-  (sample boundaries are part of the rule). On CPU it has no backward: with gradients needed it
+  (sample boundaries are part of the rule) by the compiled ``create_block_mask`` on CUDA (never a
+  dense mask there), cached per metadata pair. On CPU it has no backward: with gradients needed it
   falls back to ``sdpa``.
 * ``triton``: the fused block-sparse kernel (:mod:`qfusion.ops.triton_attention`); needs CUDA or
   the Triton interpreter (``TRITON_INTERPRET=1``, float32 / float16 only: the interpreter computes
@@ -163,8 +164,12 @@ def _flex_block_mask(policy: str, meta_q: AttentionMeta, meta_k: AttentionMeta):
             same = sample_q[qi] == sample_k[ki]
             return same & mask_rule(policy, kq[qi], gq[qi], oq[qi], kk[ki], gk[ki], ok[ki])
 
+        device = meta_q.kind.device
+        # Compiled on CUDA, mask creation works block by block and never holds the (Tq, Tk) mask;
+        # the CPU path (small inputs, no backward) skips the compile time.
         per_q[key] = (weakref.ref(meta_k), create_block_mask(
-            mask_mod, None, None, meta_q.num_tokens, meta_k.num_tokens, device=meta_q.kind.device
+            mask_mod, None, None, meta_q.num_tokens, meta_k.num_tokens, device=device,
+            _compile=device.type == "cuda",
         ))
     return per_q[key][1]
 
