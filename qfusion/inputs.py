@@ -7,12 +7,21 @@ The questions travel as ``qfusion_input_ids`` / ``qfusion_attention_mask`` of sh
 (B, G_max, L_max), right-padded; an all-zero mask row is an empty question slot, and a sample's
 questions fill its first slots. The budget (m, n) of a call is ``qfusion_budget``.
 
+Several images (or videos) in one prompt: ``qfusion_image_counts`` (B, G_max) says how many new
+visual inputs each question brings (the images of its user turn; 0 for a follow-up; the first
+question at least 1; default: one image for the first question). The rule: a question is about the
+visual inputs of the latest turn that brought any, so each image is fused with the question of its
+own turn and every follow-up until the next images arrive. Before each question stand, image by
+image, that image's placeholders — ``prefix + m`` where the question is the image's first, n after —
+in one run. The visual inputs of a batch are in prompt order, sample after sample.
+
 This module is the only owner of that protocol: :class:`qfusion.QFusionProcessor` builds inputs
 with it and the adapters read them back with it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -32,15 +41,53 @@ def check_budget(budget, codebook_size: int | None = None, name: str = "qfusion_
     return m, n
 
 
-def placeholder_counts(num_questions: int, budget: tuple[int, int], prefix: int = 0) -> list[int]:
-    """The placeholder runs of a sample with ``num_questions`` questions: [prefix + m, n, n, ...]."""
+def question_images(image_counts: Sequence[int]) -> list[list[int]]:
+    """Per question of a sample, the indices of the visual inputs it is about (see the module docstring).
+
+    image_counts: per question, the number of new visual inputs it brings (first >= 1).
+    """
+    if not image_counts or image_counts[0] < 1:
+        raise ValueError(f"qfusion_image_counts: the first question must bring at least one image, got {list(image_counts)}")
+    active: list[int] = []
+    seen, about = 0, []
+    for count in image_counts:
+        if count < 0:
+            raise ValueError(f"qfusion_image_counts: expected counts >= 0, got {list(image_counts)}")
+        if count:
+            active = list(range(seen, seen + count))
+            seen += count
+        about.append(active)
+    return about
+
+
+def placeholder_blocks(num_questions: int, budget: tuple[int, int], prefix: int = 0,
+                       image_counts: Sequence[int] | None = None) -> list[list[int]]:
+    """Per question of a sample, the placeholders of each of its visual inputs, in order:
+    ``prefix + m`` where the question is that input's first, n after."""
     m, n = budget
-    return [prefix + m] + [n] * (num_questions - 1)
+    counts = [1] + [0] * (num_questions - 1) if image_counts is None else list(image_counts)
+    if len(counts) != num_questions:
+        raise ValueError(f"qfusion_image_counts: expected {num_questions} entries (one per question), got {counts}")
+    seen: set[int] = set()
+    blocks = []
+    for images in question_images(counts):
+        blocks.append([n if image in seen else prefix + m for image in images])
+        seen.update(images)
+    return blocks
 
 
-def placeholder_runs(ids: Tensor, token_id: int) -> list[int]:
-    """Lengths of the runs of ``token_id`` in a 1-D id tensor, in order."""
-    is_token = (ids == token_id).cpu().tolist()
+def placeholder_counts(num_questions: int, budget: tuple[int, int], prefix: int = 0,
+                       image_counts: Sequence[int] | None = None) -> list[int]:
+    """The placeholders before each question of a sample: [prefix + m, n, n, ...] for one image; with
+    ``image_counts``, per question the sum over its visual inputs (see :func:`placeholder_blocks`)."""
+    return [sum(block) for block in placeholder_blocks(num_questions, budget, prefix, image_counts)]
+
+
+def placeholder_runs(ids: Tensor, token_id) -> list[int]:
+    """Lengths of the runs of ``token_id`` (an id, or a collection of ids) in a 1-D id tensor, in order."""
+    targets = torch.as_tensor(list(token_id) if isinstance(token_id, (list, tuple, set)) else [token_id],
+                              device=ids.device)
+    is_token = torch.isin(ids, targets).cpu().tolist()
     runs, length = [], 0
     for flag in is_token + [False]:
         if flag:
@@ -52,13 +99,17 @@ def placeholder_runs(ids: Tensor, token_id: int) -> list[int]:
 
 
 def check_placeholders(input_ids: Tensor, token_id: int, num_questions: Sequence[int], budget: tuple[int, int],
-                       prefix: int = 0, name: str = "input_ids") -> None:
-    """Raise unless every sample's placeholders form exactly the runs its number of questions needs."""
+                       prefix: int = 0, name: str = "input_ids", image_counts=None) -> None:
+    """Raise unless every sample's placeholders form exactly the runs its questions (and images) need.
+
+    image_counts: per sample, per question, the new images it brings (None: one image per sample).
+    """
     m, n = budget
     for b, count in enumerate(num_questions):
         found = placeholder_runs(input_ids[b], token_id)
-        want = placeholder_counts(count, budget, prefix)
-        if found != want:
+        blocks = placeholder_blocks(count, budget, prefix, None if image_counts is None else image_counts[b])
+        want = [sum(block) for block in blocks]
+        if not _runs_fit(found, blocks):
             extra = f"{prefix} host query tokens + " if prefix else ""
             raise ValueError(
                 f"{name}: sample {b} has image placeholder runs {found} (total {sum(found)}), expected "
@@ -66,6 +117,24 @@ def check_placeholders(input_ids: Tensor, token_id: int, num_questions: Sequence
                 f"of its {count - 1} later question(s); build the inputs with qfusion.QFusionProcessor "
                 "using the same budget"
             )
+
+
+def _runs_fit(found: list[int], blocks: list[list[int]]) -> bool:
+    """Whether the found runs are the blocks, adjacent blocks of one question possibly merged (hosts
+    that put nothing between two images' placeholders) but never across questions."""
+    runs = iter(found)
+    for block in blocks:
+        pending = list(block)
+        while pending:
+            run = next(runs, None)
+            if run is None:
+                return False
+            total = 0
+            while pending and total < run:
+                total += pending.pop(0)
+            if total != run:
+                return False
+    return next(runs, None) is None
 
 
 def encode_questions(ids: Sequence[Sequence[Sequence[int]]]) -> tuple[Tensor, Tensor]:
@@ -149,3 +218,69 @@ def check_left_padded(attention_mask: Tensor | None, name: str = "attention_mask
             "would follow the padding). Build the inputs with qfusion.QFusionProcessor (it pads on the left "
             "by default) or tokenize with padding_side='left'"
         )
+
+
+def encode_image_counts(counts: Sequence[Sequence[int]], max_questions: int) -> Tensor:
+    """(B, G_max) ``qfusion_image_counts`` from per-sample lists (one entry per question)."""
+    out = torch.zeros(len(counts), max_questions, dtype=torch.long)
+    for b, sample in enumerate(counts):
+        question_images(sample)  # validates
+        out[b, : len(sample)] = torch.as_tensor(list(sample), dtype=torch.long)
+    return out
+
+
+def decode_image_counts(qfusion_image_counts, questions: list[list[Tensor]]) -> list[list[int]] | None:
+    """Per sample, per question, the new visual inputs it brings; None when not given (one image each)."""
+    if qfusion_image_counts is None:
+        return None
+    if not isinstance(qfusion_image_counts, Tensor) or qfusion_image_counts.dim() != 2 \
+            or qfusion_image_counts.shape[0] != len(questions) or qfusion_image_counts.dtype.is_floating_point:
+        shape = (tuple(qfusion_image_counts.shape) if isinstance(qfusion_image_counts, Tensor)
+                 else type(qfusion_image_counts).__name__)
+        raise ValueError(f"qfusion_image_counts: expected a ({len(questions)}, max_questions) integer tensor, got {shape}")
+    rows = qfusion_image_counts.tolist()
+    counts = []
+    for b, (row, sample) in enumerate(zip(rows, questions)):
+        if any(row[len(sample):]):
+            raise ValueError(f"qfusion_image_counts: sample {b} counts images at empty question slots: {row}")
+        question_images(row[: len(sample)])
+        counts.append(row[: len(sample)])
+    return counts
+
+
+@dataclass(frozen=True)
+class VisualPlan:
+    """How the questions of a batch map onto its visual inputs, for the fusion and back.
+
+    questions: per visual input of the batch (prompt order, sample after sample), the questions about it.
+    owners: per visual input, (its sample, the indices of those questions in the sample).
+    about: per sample, per question, the sample-local indices of its visual inputs.
+    """
+
+    questions: list[list]
+    owners: list[tuple[int, list[int]]]
+    about: list[list[list[int]]]
+
+    @classmethod
+    def of(cls, questions: list[list], image_counts: list[list[int]] | None) -> "VisualPlan":
+        about = [question_images(c) if c is not None else [[0]] * len(q)
+                 for q, c in zip(questions, image_counts or [None] * len(questions))]
+        owners = []
+        for b, sample in enumerate(about):
+            for image in range(max(i for images in sample for i in images) + 1):
+                owners.append((b, [g for g, images in enumerate(sample) if image in images]))
+        return cls([[questions[b][g] for g in ids] for b, ids in owners], owners, about)
+
+    @property
+    def num_visuals(self) -> int:
+        return len(self.owners)
+
+    def in_placeholder_order(self, per_visual: list[list[Tensor]]) -> list[list[Tensor]]:
+        """Per sample, per question, its fused tokens: those of its visual inputs, one after another
+        (the order of the placeholders before it), from per visual input, per question tokens."""
+        tokens, first = [], 0
+        for b, sample in enumerate(self.about):
+            tokens.append([torch.cat([per_visual[first + i][self.owners[first + i][1].index(g)] for i in images])
+                           for g, images in enumerate(sample)])
+            first += sum(1 for owner, _ in self.owners if owner == b)
+        return tokens

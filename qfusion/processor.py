@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qfusion.inputs import check_budget, check_placeholders, encode_questions, placeholder_counts
+from qfusion.inputs import (check_budget, check_placeholders, encode_image_counts, encode_questions,
+                            placeholder_counts)
 from qfusion.vision import hd_views
 
 PROCESSOR_CONFIG_NAME = "qfusion_processor.json"
@@ -42,6 +43,13 @@ def _text_of(content) -> str:
     raise TypeError(
         f"conversations: a message content must be a string or a list of typed items, got {type(content).__name__}"
     )
+
+
+def _image_items(content) -> int:
+    """How many ``{"type": "image"}`` items a chat message's content holds."""
+    if isinstance(content, str):
+        return 0
+    return sum(1 for item in content if isinstance(item, dict) and item.get("type") == "image")
 
 
 def _as_unit_image(image) -> Any:
@@ -145,8 +153,9 @@ class QFusionProcessor:
         """Image placeholders of one sample with ``num_questions`` questions: prefix + m + (G−1)·n."""
         return sum(placeholder_counts(num_questions, self.budget, self.image_prefix))
 
-    def _placeholders(self, group: int) -> str:
-        return self.image_token * placeholder_counts(group + 1, self.budget, self.image_prefix)[group]
+    def _placeholders(self, count: int) -> str:
+        """The prompt text of ``count`` image placeholders."""
+        return self.image_token * count
 
     # ------------------------------------------------------------------ inputs
 
@@ -193,13 +202,22 @@ class QFusionProcessor:
         return template
 
     def _render(self, conversation: list[dict], add_generation_prompt: bool | None):
-        """(prompt text with placeholders before every user turn, the user texts, every turn's (role, text))."""
+        """(prompt text with placeholders before every user turn, the user texts, every turn's (role, text),
+        per user turn the images it brings).
+
+        A user turn brings as many images as it has ``{"type": "image"}`` items; the first user turn
+        brings at least one (a conversation about one image need not mark it).
+        """
+        users = [message for message in conversation if message["role"] == "user"]
+        image_counts = [_image_items(message["content"]) for message in users]
+        image_counts[0] = max(image_counts[0], 1)
+        runs = placeholder_counts(len(users), self.budget, self.image_prefix, image_counts)
         questions, turns, messages = [], [], []
         for message in conversation:
             message = copy.copy(message)
             text = _text_of(message["content"])
             if message["role"] == "user":
-                text_with_image = self._placeholders(len(questions)) + text
+                text_with_image = self._placeholders(runs[len(questions)]) + text
                 questions.append(text)
                 message["content"] = (text_with_image if isinstance(message["content"], str)
                                       else [{"type": "text", "text": text_with_image}])
@@ -209,15 +227,26 @@ class QFusionProcessor:
             add_generation_prompt = conversation[-1]["role"] == "user"
         prompt = self.tokenizer.apply_chat_template(messages, chat_template=self._chat_template(), tokenize=False,
                                                     add_generation_prompt=add_generation_prompt)
-        return prompt, questions, turns
+        return prompt, questions, turns, image_counts
 
-    def _images(self, images, batch_size: int) -> dict[str, Tensor]:
+    def _images(self, images, image_counts: list[list[int]]) -> dict[str, Tensor]:
+        """The image processor's outputs for every image of the batch, in prompt order."""
+        batch_size = len(image_counts)
         if images is None:
-            raise ValueError("images: required, one image per sample")
+            raise ValueError("images: required, one image per sample (or a list per sample with several)")
         if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) != batch_size:
             raise ValueError(f"images: expected one image per sample ({batch_size} samples), got {len(images)}")
+        flat = []
+        for b, (entry, counts) in enumerate(zip(images, image_counts)):
+            entry = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+            if len(entry) != sum(counts):
+                raise ValueError(
+                    f"images[{b}]: expected {sum(counts)} images (the image items of its user turns), got {len(entry)}"
+                )
+            flat += entry
+        images = flat
         if self.hd_grid is None:
             return dict(self.host.image_processor(list(images), return_tensors="pt"))
         processor = self.host.image_processor
@@ -245,9 +274,10 @@ class QFusionProcessor:
             ids.append(row)
         return encode_questions(ids)
 
-    def _check_counts(self, input_ids: Tensor, questions: list[list[str]]) -> None:
+    def _check_counts(self, input_ids: Tensor, questions: list[list[str]], image_counts: list[list[int]]) -> None:
         found = (input_ids == self.image_token_id).sum(-1).tolist()
-        expected = [self.num_placeholders(len(sample)) for sample in questions]
+        expected = [sum(placeholder_counts(len(sample), self.budget, self.image_prefix, counts))
+                    for sample, counts in zip(questions, image_counts)]
         if found != expected:
             raise ValueError(
                 f"text: image placeholders per image expected {expected}, found {found} "
@@ -255,7 +285,7 @@ class QFusionProcessor:
                 "template or the text add its own image tokens?"
             )
         check_placeholders(input_ids, self.image_token_id, [len(sample) for sample in questions], self.budget,
-                           self.image_prefix, name="text")
+                           self.image_prefix, name="text", image_counts=image_counts)
 
     @staticmethod
     def _labels(input_ids: Tensor, offsets: Tensor, prompts: list[str], turns: list[list[tuple[str, str]]],
@@ -290,7 +320,8 @@ class QFusionProcessor:
                  return_tensors: str = "pt"):
         """Inputs for ``model(**inputs)`` / ``model.generate(**inputs)``, one image per sample.
 
-        images: one image per sample (PIL, arrays or tensors, as the host's image processor takes).
+        images: one image per sample (PIL, arrays or tensors, as the host's image processor takes), or
+            per sample a list of images when its conversation has several (one per image item).
         conversations: the host's chat format, one conversation per sample (or one conversation):
             ``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]``.
             Every user turn is a question; image items are dropped and the placeholders are put right
@@ -319,22 +350,27 @@ class QFusionProcessor:
             prompts = [r[0] for r in rendered]
             batch_questions = [r[1] for r in rendered]
             turns = [r[2] for r in rendered]
+            image_counts = [r[3] for r in rendered]
             special = False  # chat templates write their own special tokens
         else:
             if return_labels:
                 raise ValueError("return_labels: needs conversations (the assistant turns are the labels)")
             batch_questions = self._batch_questions(questions)
-            prompts = [" ".join(self._placeholders(g) + prompt_format.format(question=q) for g, q in enumerate(sample))
+            image_counts = [[1] + [0] * (len(sample) - 1) for sample in batch_questions]
+            prompts = [" ".join(self._placeholders(run) + prompt_format.format(question=q)
+                                for run, q in zip(placeholder_counts(len(sample), self.budget, self.image_prefix),
+                                                  sample))
                        for sample in batch_questions]
             special = True
         encoding = self.tokenizer(prompts, add_special_tokens=special, padding=True, return_tensors="pt",
                                   return_offsets_mapping=return_labels,
                                   padding_side=padding_side)
-        self._check_counts(encoding["input_ids"], batch_questions)
+        self._check_counts(encoding["input_ids"], batch_questions, image_counts)
         data = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
-        data.update(self._images(images, len(prompts)))
+        data.update(self._images(images, image_counts))
         data["qfusion_input_ids"], data["qfusion_attention_mask"] = self._question_ids(batch_questions)
         data["qfusion_budget"] = self.budget
+        data["qfusion_image_counts"] = encode_image_counts(image_counts, data["qfusion_input_ids"].shape[1])
         qformer_tokenizer = getattr(self.host, "qformer_tokenizer", None)
         if qformer_tokenizer is not None:
             qformer = qformer_tokenizer([sample[0] for sample in batch_questions], padding=True, return_tensors="pt")

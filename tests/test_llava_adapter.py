@@ -12,6 +12,7 @@ import qfusion
 from qfusion import QFusionProcessor, QuestionFusion
 from qfusion.adapters import FusionCache, get_adapter
 from qfusion.inputs import decode_questions as split_questions
+from qfusion.inputs import placeholder_runs
 
 KINDS = ["llava", "llava_next"]
 
@@ -323,7 +324,7 @@ def test_bad_inputs_raise_clearly(hosts):
     gap[0, 0] = 0
     with pytest.raises(ValueError, match="empty question slot before a filled one"):
         call(qfusion_attention_mask=gap)
-    with pytest.raises(ValueError, match="one image per sample"):
+    with pytest.raises(ValueError, match="pixel_values: expected 2 images"):
         call(pixel_values=batch["pixel_values"][:1])
     with pytest.raises(ValueError, match="inputs_embeds"):
         call(input_ids=None, inputs_embeds=torch.zeros(2, 3, 64))
@@ -357,3 +358,50 @@ def test_plugins_that_do_not_fit_the_host_fail_naming_the_mismatch(hosts, tmp_pa
         qfusion.attach(hosts.model("blip-2"), tmp_path / "tower")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         qfusion.attach(hosts.model("llava"), tmp_path / "missing")
+
+
+MULTI_IMAGE = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is this ?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "a cat ."}]},
+    {"role": "user", "content": [{"type": "text", "text": "how many are there ?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "two ."}]},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is it ?"}]},
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_several_images_each_fused_with_the_questions_about_it(hosts, kind):
+    model, adapter, processor = attached(hosts, kind)
+    m, n = adapter.budget
+    pictures = images(3, seed=5)
+    batch = processor(images=[pictures], conversations=[MULTI_IMAGE])
+    assert batch["qfusion_image_counts"].tolist() == [[2, 0, 1]]
+    assert placeholder_runs(batch["input_ids"][0], IMAGE_TOKEN_ID) == [2 * m, 2 * n, m]
+    records, handle = capture_llm_inputs(model.model.language_model)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    spliced = records[-1][0][batch["input_ids"][0] == IMAGE_TOKEN_ID]
+    # the rule: images 0 and 1 are about questions 0 and 1 (the follow-up), image 2 about question 2
+    kwargs = {"image_sizes": batch["image_sizes"]} if kind == "llava_next" else {}
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True,
+                                                  **kwargs).pooler_output
+        q = split_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 1)[0]
+        per_image = adapter.fusion(list(features), [[q[0], q[1]], [q[0], q[1]], [q[2]]]).tokens
+    want = torch.cat([per_image[0][0], per_image[1][0], per_image[0][1], per_image[1][1], per_image[2][0]])
+    torch.testing.assert_close(spliced, want, rtol=0, atol=0)
+
+    # batched with a one-image conversation: each sample as alone
+    single = CONVERSATION[:3]
+    together = processor(images=[pictures, images(1, seed=9)[0]], conversations=[MULTI_IMAGE, single])
+    out = model.generate(**together, max_new_tokens=4, do_sample=False)[:, together["input_ids"].shape[1]:]
+    for b, (imgs, conversation) in enumerate([(pictures, MULTI_IMAGE), (images(1, seed=9)[0], single)]):
+        alone = processor(images=[imgs], conversations=[conversation])
+        generated = model.generate(**alone, max_new_tokens=4, do_sample=False)[0, alone["input_ids"].shape[1]:]
+        assert torch.equal(out[b, : generated.numel()], generated)
+    with pytest.raises(ValueError, match=r"images\[0\]: expected 3 images"):
+        processor(images=[pictures[:2]], conversations=[MULTI_IMAGE])
+    with pytest.raises(ValueError, match="expected 3 images"):
+        model(**dict(batch, pixel_values=batch["pixel_values"][:2], **({"image_sizes": batch["image_sizes"][:2]}
+                                                                       if kind == "llava_next" else {})))

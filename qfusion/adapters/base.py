@@ -22,7 +22,8 @@ from qfusion.adapters.cache import FusionCache
 from qfusion.adapters.lora import active_module, unwrap_model
 from qfusion.adapters.patching import InstancePatch, QFusionArguments
 from qfusion.adapters.plugin import AdapterSettings, save_plugin
-from qfusion.inputs import check_budget, check_left_padded, check_placeholders, decode_questions, placeholder_counts
+from qfusion.inputs import (VisualPlan, check_budget, check_left_padded, check_placeholders, decode_image_counts,
+                            decode_questions, placeholder_counts)
 from qfusion.model import QuestionFusion
 from qfusion.vision import HDFrontEnd
 
@@ -48,6 +49,7 @@ class HostAdapter:
     modes: ClassVar[tuple[str, ...]] = ("replace",)
     vision_sources: ClassVar[tuple[str, ...]] = ("tower",)
     supports_hd: ClassVar[bool] = False
+    supports_multi_image: ClassVar[bool] = False
     llm_name: ClassVar[str]
     """Dotted name of the language model inside the host (for LoRA targeting)."""
 
@@ -121,8 +123,9 @@ class HostAdapter:
 
     # ------------------------------------------------------------------ the shared fused-token step
 
-    def questions(self, qfusion: QFusionArguments, input_ids, budget: tuple[int, int]) -> list[list[Tensor]]:
-        """Validated questions of a call with images; the placeholders in input_ids must fit them."""
+    def questions(self, qfusion: QFusionArguments, input_ids, budget: tuple[int, int]):
+        """(validated questions, per sample per question the new images it brings or None) of a call
+        with images; the placeholders in input_ids must fit them."""
         if qfusion.input_ids is None:
             raise ValueError(
                 "qfusion_input_ids: required with images on a model with a qfusion plugin attached (the "
@@ -135,8 +138,12 @@ class HostAdapter:
                 "inputs_embeds alone are not supported)"
             )
         questions = decode_questions(qfusion.input_ids, qfusion.attention_mask, input_ids.shape[0])
-        check_placeholders(input_ids, self.image_token_id, [len(q) for q in questions], budget, self.image_prefix)
-        return questions
+        image_counts = decode_image_counts(qfusion.image_counts, questions)
+        if image_counts is not None and not self.supports_multi_image and any(sum(c) > 1 for c in image_counts):
+            raise ValueError(f"qfusion_image_counts: a {self.settings.model_type!r} host takes one image per prompt")
+        check_placeholders(input_ids, self.image_token_id, [len(q) for q in questions], budget, self.image_prefix,
+                           image_counts=image_counts)
+        return questions, image_counts
 
     @staticmethod
     def check_generation_inputs(input_ids, attention_mask) -> None:
@@ -146,19 +153,32 @@ class HostAdapter:
 
     def fused_tokens(self, encode: Callable[[], tuple[list[Tensor], Any]], pixel_values: Tensor | None,
                      questions: list[list[Tensor]], cache: FusionCache | None, budget: tuple[int, int],
-                     context: Tensor | None = None):
-        """(per sample, per question, the (k, output_dim) fused tokens in the fusion's dtype; host outputs).
+                     context: Tensor | None = None, image_counts: list[list[int]] | None = None,
+                     num_images: int | None = None):
+        """(per sample, per question, the (k, output_dim) fused tokens in placeholder order, in the
+        fusion's dtype; the host outputs of ``encode``).
 
-        encode: () -> (B host feature tensors (V_b, vision_dim), other host outputs the caller needs);
-            the features are cast here to the fusion's dtype and device.
+        Every visual input is fused with the questions about it (:func:`qfusion.inputs.question_images`);
+        a question's tokens are those of its images, image after image.
+
+        encode: () -> (one host feature tensor (V_i, vision_dim) per visual input of the batch, in
+            prompt order; other host outputs the caller needs); cast here to the fusion's dtype and device.
         cache: a FusionCache to reuse the vision prefix of earlier turns, or None.
         context: other inputs the images are encoded with (a change invalidates the cache).
+        image_counts: per sample, per question, the new visual inputs it brings (None: one per sample).
+        num_images: the visual inputs this call carries (checked against the questions' layout), or None.
         """
-        if pixel_values is not None and pixel_values.shape[0] != len(questions):
+        plan = VisualPlan.of(questions, image_counts)
+        if pixel_values is not None and num_images is not None and num_images != plan.num_visuals:
             raise ValueError(
-                f"pixel_values: expected one image per sample ({len(questions)} rows in input_ids), got "
-                f"{pixel_values.shape[0]} images"
+                f"pixel_values: expected {plan.num_visuals} images (one per sample, or as qfusion_image_counts "
+                f"says), got {num_images}"
             )
+        per_visual, host = self._fuse(encode, pixel_values, plan.questions, cache, budget, context)
+        return plan.in_placeholder_order(per_visual), host
+
+    def _fuse(self, encode, pixel_values, questions, cache, budget, context):
+        """(per visual input, per question about it, fused tokens; host outputs)."""
         fusion = self.fusion
         device = fusion.device
         questions = [[q.to(device) for q in sample] for sample in questions]

@@ -129,7 +129,7 @@ class Blip2Adapter(HostAdapter):
                 "pixel_values: required with qfusion_input_ids (unless a filled qfusion_cache holds the images)"
             )
         budget = self.call_budget(qfusion)
-        questions = self.questions(qfusion, args.get("input_ids"), budget)
+        questions, image_counts = self.questions(qfusion, args.get("input_ids"), budget)
         augment = self.settings.mode == "augment"
         qformer_ids, qformer_mask = args.get("qformer_input_ids"), args.get("qformer_attention_mask")
 
@@ -137,7 +137,8 @@ class Blip2Adapter(HostAdapter):
             return self.encode(pixel_values, args.get("interpolate_pos_encoding", False), qformer_ids, qformer_mask)
 
         context = qformer_ids if augment and self.is_instruct else None
-        tokens, image = self.fused_tokens(encode, pixel_values, questions, qfusion.cache, budget, context)
+        tokens, image = self.fused_tokens(encode, pixel_values, questions, qfusion.cache, budget, context, image_counts,
+                                          None if pixel_values is None else pixel_values.shape[0])
         projection = self.model.language_projection
         weight = projection.weight
         counts = [sum(t.shape[0] for t in groups) for groups in tokens]

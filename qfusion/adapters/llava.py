@@ -35,6 +35,7 @@ class LlavaAdapter(HostAdapter):
     modes = ("replace",)
     vision_sources = ("projector", "tower")
     supports_hd = True
+    supports_multi_image = True
     llm_name = "model.language_model"
 
     def check_host(self) -> None:
@@ -158,13 +159,14 @@ class LlavaAdapter(HostAdapter):
             )
         input_ids = args.get("input_ids", args.get("inputs"))
         budget = self.call_budget(qfusion)
-        questions = self.questions(qfusion, input_ids, budget)
+        questions, image_counts = self.questions(qfusion, input_ids, budget)
 
         def encode():
             return self.encode(pixel_values, args.get("image_sizes"), args.get("vision_feature_layer"),
                                args.get("vision_feature_select_strategy")), None
 
-        tokens, _ = self.fused_tokens(encode, pixel_values, questions, qfusion.cache, budget)
+        tokens, _ = self.fused_tokens(encode, pixel_values, questions, qfusion.cache, budget, image_counts=image_counts,
+                                      num_images=None if pixel_values is None else pixel_values.shape[0])
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         embed = self.model.get_input_embeddings().weight

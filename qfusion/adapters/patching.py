@@ -20,7 +20,8 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-QFUSION_PARAMETERS = ("qfusion_input_ids", "qfusion_attention_mask", "qfusion_cache", "qfusion_budget")
+QFUSION_PARAMETERS = ("qfusion_input_ids", "qfusion_attention_mask", "qfusion_cache", "qfusion_budget",
+                      "qfusion_image_counts")
 """The parameters a patched method adds to the host's (keyword-only, default None)."""
 
 QFUSION_DOC = """
@@ -32,6 +33,8 @@ qfusion_input_ids / qfusion_attention_mask: (B, G_max, L_max) question ids, righ
 qfusion_budget: (m, n) fused tokens for the first / every later question of this call (default: the
     plugin's configured m, n).
 qfusion_cache: a qfusion.adapters.FusionCache reused across the turns of a conversation (optional).
+qfusion_image_counts: (B, G_max) new images each question brings, for several images per prompt
+    (default: one image, before the first question).
 """
 
 
@@ -43,6 +46,7 @@ class QFusionArguments:
     attention_mask: Tensor | None = None
     cache: Any = None
     budget: Any = None
+    image_counts: Any = None
 
     @property
     def given(self) -> bool:
