@@ -33,9 +33,7 @@ def _add_fit(subparsers) -> None:
 
 
 def _run_fit(args) -> int:
-    import json
-
-    from qfusion.scaling import fit_power_law, load_points_csv, plot_scaling
+    from qfusion.scaling import fit_power_law, load_points_csv, plot_scaling, save_fits
 
     try:
         points = load_points_csv(args.csv, x=args.x, y=args.y, group=args.group)
@@ -55,8 +53,59 @@ def _run_fit(args) -> int:
         plot_scaling({name: (*points[name], fit) for name, fit in fits.items()}, args.plot, ylabel=args.y)
         print(f"plot: {args.plot}")
     if args.json:
+        save_fits(fits, args.json)
+        print(f"json: {args.json}")
+    return 0
+
+
+def _add_budget(subparsers) -> None:
+    p = subparsers.add_parser("budget", help="the smallest number of tokens N per series that meets a target, "
+                                             "from the fits `qfusion fit --json` wrote")
+    p.add_argument("fits", help="JSON file of fits, {series: fit} (qfusion fit --json)")
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target", type=float, help="the score to reach, in the fitted scores' units")
+    goal.add_argument("--max-loss", type=float, help="the fraction of the score at the largest budget measured that "
+                                                      "may be given up, e.g. 0.02")
+    p.add_argument("--series", nargs="+", default=None, help="only these series (default: all in the file)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the interval of N")
+    p.add_argument("--confidence", type=float, default=0.95, help="coverage of the interval (default: 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--json", default=None, help="write the chosen budgets to this JSON file")
+    p.set_defaults(func=_run_budget)
+
+
+def _run_budget(args) -> int:
+    import json
+
+    from qfusion.scaling import load_fits, smallest_budget
+
+    try:
+        fits = load_fits(args.fits)
+        unknown = [name for name in args.series or () if name not in fits]
+        if unknown:
+            raise ValueError(f"--series: no series {unknown} in {args.fits!r}; it has {list(fits)}")
+        choices = {name: smallest_budget(fits[name], target=args.target, max_loss=args.max_loss,
+                                         n_bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence)
+                   for name in args.series or fits}
+    except (OSError, ValueError) as error:
+        print(f"qfusion budget: {error}", file=sys.stderr)
+        return 1
+    width = max(len("series"), *(len(name) for name in choices))
+    level = f"{100 * args.confidence:g}%"
+    print(f"{'series':<{width}}  {'target':>10}  {'N':>7}  {level + ' interval':>16}  {'P(N)':>10}  "
+          f"{'measured N':>13}  note")
+    for name, choice in choices.items():
+        low, high = choice.interval
+        interval = "n/a" if low is None else f"[{low}, {high}]"
+        measured = "n/a" if choice.measured_range is None else "{:g}..{:g}".format(*choice.measured_range)
+        note = "extrapolated" if choice.extrapolated else ""
+        if choice.measured_range is None:
+            note = "fit has no points: no interval"
+        print(f"{name:<{width}}  {choice.target:>10.4g}  {choice.num_tokens:>7}  {interval:>16}  "
+              f"{choice.predicted:>10.4g}  {measured:>13}  {note}".rstrip())
+    if args.json:
         with open(args.json, "w") as handle:
-            json.dump({name: fit.to_dict() for name, fit in fits.items()}, handle, indent=2)
+            json.dump({name: choice.to_dict() for name, choice in choices.items()}, handle, indent=2)
         print(f"json: {args.json}")
     return 0
 
@@ -137,7 +186,7 @@ def _run_divergence(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfusion", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_fit, _add_divergence):
+    for add in (_add_demo, _add_fit, _add_budget, _add_divergence):
         add(subparsers)
     return parser
 

@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pytest
+
+from qfusion.cli import main
+from qfusion.scaling import fit_power_law, load_fits, save_fits, smallest_budget
+
+TOKENS = [16, 36, 64, 144, 256, 576]
+
+
+@pytest.fixture
+def fits_json(tmp_path):
+    noise = np.exp(np.random.default_rng(0).normal(0, 0.01, len(TOKENS)))
+    fits = {"vqa": fit_power_law(TOKENS, 0.9 * (16 / np.array(TOKENS)) ** -0.08 * noise),
+            "pope": fit_power_law(TOKENS, 80 * (16 / np.array(TOKENS)) ** -0.03)}
+    return save_fits(fits, tmp_path / "fits.json")
+
+
+def rows(printed):
+    lines = printed.splitlines()
+    assert lines[0].split()[:3] == ["series", "target", "N"] and "95% interval" in lines[0]
+    return {line.split()[0]: line for line in lines[1:] if not line.startswith("json:")}
+
+
+def test_budget_prints_the_apis_choice_per_series_and_writes_json(fits_json, tmp_path, capsys):
+    out = tmp_path / "budget.json"
+    assert main(["budget", str(fits_json), "--max-loss", "0.02", "--bootstrap", "200", "--json", str(out)]) == 0
+    printed = rows(capsys.readouterr().out)
+    assert set(printed) == {"vqa", "pope"}
+    saved = json.loads(out.read_text())
+    for name, fit in load_fits(fits_json).items():
+        choice = smallest_budget(fit, max_loss=0.02, n_bootstrap=200)
+        low, high = choice.interval
+        assert printed[name].split()[2] == str(choice.num_tokens)
+        assert f"[{low}, {high}]" in printed[name]
+        assert saved[name]["num_tokens"] == choice.num_tokens and saved[name]["interval"] == [low, high]
+
+
+def test_budget_for_a_target_score_on_chosen_series_flags_extrapolation(fits_json, capsys):
+    assert main(["budget", str(fits_json), "--target", "1.2", "--series", "vqa", "--bootstrap", "50"]) == 0
+    printed = rows(capsys.readouterr().out)
+    assert set(printed) == {"vqa"}
+    assert int(printed["vqa"].split()[2]) > max(TOKENS) and printed["vqa"].endswith("extrapolated")
+
+
+def test_budget_reads_what_qfusion_fit_writes(tmp_path, capsys):
+    csv = tmp_path / "scores.csv"
+    csv.write_text("tokens,score\n" + "".join(f"{n},{0.5 * n ** 0.1:.6f}\n" for n in TOKENS))
+    assert main(["fit", str(csv), "--json", str(tmp_path / "fit.json")]) == 0
+    capsys.readouterr()
+    assert main(["budget", str(tmp_path / "fit.json"), "--max-loss", "0.05"]) == 0
+    assert set(rows(capsys.readouterr().out)) == {"score"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-loss", "0.02", "--series", "gqa"], "qfusion budget: --series: no series ['gqa']"),
+    (["--max-loss", "1.5"], "qfusion budget: max_loss: expected a fraction in [0, 1), got 1.5"),
+    (["--target", "-1"], "qfusion budget: target: expected a finite score > 0"),
+])
+def test_budget_reports_bad_input_without_a_traceback(fits_json, argv, message, capsys):
+    assert main(["budget", str(fits_json), *argv]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_budget_needs_exactly_one_goal_and_a_readable_file(fits_json, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["budget", str(fits_json)])
+    with pytest.raises(SystemExit):
+        main(["budget", str(fits_json), "--target", "1", "--max-loss", "0.1"])
+    assert main(["budget", str(tmp_path / "missing.json"), "--target", "1"]) == 1
+    assert "qfusion budget:" in capsys.readouterr().err
+
+
+def test_readme_budget_block_prints_what_the_api_gives(capsys):
+    from readme_blocks import python_blocks
+
+    (block,) = [b for b in python_blocks("Scaling analysis") if "smallest_budget" in b]
+    exec(compile(block, "README.md (Scaling analysis)", "exec"), {})
+    fit = fit_power_law([16, 64, 256, 576], [0.60, 0.72, 0.86, 0.94])
+    choice = smallest_budget(fit, max_loss=0.05)
+    expected = f"{choice.num_tokens} {choice.interval} {round(choice.target, 3)} {choice.extrapolated}"
+    printed = capsys.readouterr().out.strip()
+    assert printed == expected
+    assert block.rstrip().endswith(f"# {expected}")  # the comment in the README shows the real output
