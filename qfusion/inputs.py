@@ -284,3 +284,26 @@ class VisualPlan:
                            for g, images in enumerate(sample)])
             first += sum(1 for owner, _ in self.owners if owner == b)
         return tokens
+
+
+def decode_call(input_ids, qfusion_input_ids, qfusion_attention_mask, qfusion_image_counts, *, token_id,
+                budget: tuple[int, int], prefix: int = 0, multi_image: bool = True, host: str = "this"):
+    """(per sample its questions, per sample per question the new images it brings or None) of one
+    call with visual inputs, after checking that the placeholders in ``input_ids`` fit them."""
+    if qfusion_input_ids is None:
+        raise ValueError(
+            "qfusion_input_ids: required with images on a model with a qfusion plugin attached (the "
+            "questions, (batch, max_questions, max_question_length)); build them with "
+            "qfusion.QFusionProcessor, or qfusion.detach(model) to use the host alone"
+        )
+    if input_ids is None:
+        raise ValueError(
+            "input_ids: required with qfusion_input_ids (the image placeholders are found in them; "
+            "inputs_embeds alone are not supported)"
+        )
+    questions = decode_questions(qfusion_input_ids, qfusion_attention_mask, input_ids.shape[0])
+    image_counts = decode_image_counts(qfusion_image_counts, questions)
+    if image_counts is not None and not multi_image and any(sum(c) > 1 for c in image_counts):
+        raise ValueError(f"qfusion_image_counts: a {host!r} host takes one image per prompt")
+    check_placeholders(input_ids, token_id, [len(q) for q in questions], budget, prefix, image_counts=image_counts)
+    return questions, image_counts

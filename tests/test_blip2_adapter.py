@@ -8,7 +8,7 @@ import qfusion
 from qfusion import QFusionProcessor, QuestionFusion
 from qfusion.adapters import FusionCache
 from qfusion.adapters.patching import QFusionArguments
-from qfusion.inputs import decode_questions as split_questions
+from qfusion.inputs import decode_questions
 
 CASES = [("blip-2", "replace"), ("blip-2", "augment"), ("instructblip", "replace"), ("instructblip", "augment")]
 
@@ -47,7 +47,7 @@ def test_forward_loss_backward_and_the_llm_input(hosts, kind, mode):
     assert torch.equal(positions, batch["input_ids"] == IMAGE_TOKEN_ID)
     with torch.no_grad():
         vision = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
-        questions = split_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 2)
+        questions = decode_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 2)
         tokens = adapter.fusion(list(vision), questions).tokens
         if mode == "augment":
             extra = {"qformer_input_ids": batch["qformer_input_ids"],

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qfusion.inputs import (check_budget, check_left_padded, check_placeholders, decode_questions, encode_questions,
-                            placeholder_counts, placeholder_runs)
+from qfusion.inputs import (check_budget, check_left_padded, check_placeholders, decode_call, decode_questions,
+                            encode_questions, placeholder_counts, placeholder_runs)
 
 
 def test_encode_then_decode_round_trips_ragged_questions():
@@ -69,3 +69,17 @@ def test_right_padded_generation_inputs_are_refused():
     check_left_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))
     with pytest.raises(ValueError, match=r"samples \[1\] are right-padded"):
         check_left_padded(torch.tensor([[1, 1, 1], [1, 1, 0]]))
+
+
+def test_a_call_is_decoded_once_with_its_image_layout_checked():
+    questions, mask = encode_questions([[[5, 6], [7]]])
+    ids = torch.tensor([[4, 4, 4, 9, 4, 9]])
+    decoded, counts = decode_call(ids, questions, mask, None, token_id=4, budget=(3, 1))
+    assert [q.tolist() for q in decoded[0]] == [[5, 6], [7]] and counts is None
+    two_images = torch.tensor([[2, 0]])
+    with pytest.raises(ValueError, match="'blip-2' host takes one image per prompt"):
+        decode_call(ids, questions, mask, two_images, token_id=4, budget=(3, 1), multi_image=False, host="blip-2")
+    with pytest.raises(ValueError, match=r"expected \[6, 2\]"):  # two images: 2 x m, then n per image
+        decode_call(ids, questions, mask, two_images, token_id=4, budget=(3, 1))
+    with pytest.raises(ValueError, match="qfusion_input_ids: required"):
+        decode_call(ids, None, None, None, token_id=4, budget=(3, 1))

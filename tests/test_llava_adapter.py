@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import qfusion
 from qfusion import QFusionProcessor, QuestionFusion
 from qfusion.adapters import FusionCache, get_adapter
-from qfusion.inputs import decode_questions as split_questions
+from qfusion.inputs import decode_questions
 from qfusion.inputs import placeholder_runs
 
 KINDS = ["llava", "llava_next"]
@@ -68,7 +68,7 @@ def test_llm_receives_m_plus_g_minus_1_times_n_image_positions(hosts, kind):
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True,
                                                   **kwargs).pooler_output
-        questions = split_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 2)
+        questions = decode_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 2)
         tokens = adapter.fusion(list(features), questions).tokens
     for b in range(2):
         torch.testing.assert_close(records[-1][b][positions[b]], torch.cat(tokens[b]), rtol=0, atol=0)
@@ -136,7 +136,7 @@ def test_mm_encoder_outputs_path_and_attach_give_identical_logits(hosts):
     batch = processor(images=images(2), questions=[["what is this ?", "how many"], "red"], padding_side="left")
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output
-        questions = split_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 2)
+        questions = decode_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 2)
         tokens = fusion(list(features), questions).tokens
         precomputed = {"image": BaseModelOutputWithPooling(pooler_output=[torch.cat(t) for t in tokens])}
         zero_patch = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -387,7 +387,7 @@ def test_several_images_each_fused_with_the_questions_about_it(hosts, kind):
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True,
                                                   **kwargs).pooler_output
-        q = split_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 1)[0]
+        q = decode_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 1)[0]
         per_image = adapter.fusion(list(features), [[q[0], q[1]], [q[0], q[1]], [q[2]]]).tokens
     want = torch.cat([per_image[0][0], per_image[1][0], per_image[0][1], per_image[1][1], per_image[2][0]])
     torch.testing.assert_close(spliced, want, rtol=0, atol=0)

@@ -22,8 +22,7 @@ from qfusion.adapters.cache import FusionCache
 from qfusion.adapters.lora import active_module, unwrap_model
 from qfusion.adapters.patching import InstancePatch, QFusionArguments
 from qfusion.adapters.plugin import AdapterSettings, save_plugin
-from qfusion.inputs import (VisualPlan, check_budget, check_left_padded, check_placeholders, decode_image_counts,
-                            decode_questions, placeholder_counts)
+from qfusion.inputs import VisualPlan, check_budget, check_left_padded, decode_call
 from qfusion.model import QuestionFusion
 from qfusion.vision import HDFrontEnd
 
@@ -117,33 +116,14 @@ class HostAdapter:
             return self.budget
         return check_budget(qfusion.budget, self.fusion.config.codebook_size)
 
-    def group_sizes(self, num_questions: int, budget: tuple[int, int]) -> list[int]:
-        """Placeholder runs of a sample with ``num_questions`` questions under ``budget``."""
-        return placeholder_counts(num_questions, budget, self.image_prefix)
-
     # ------------------------------------------------------------------ the shared fused-token step
 
     def questions(self, qfusion: QFusionArguments, input_ids, budget: tuple[int, int]):
         """(validated questions, per sample per question the new images it brings or None) of a call
         with images; the placeholders in input_ids must fit them."""
-        if qfusion.input_ids is None:
-            raise ValueError(
-                "qfusion_input_ids: required with images on a model with a qfusion plugin attached (the "
-                "questions, (batch, max_questions, max_question_length)); build them with "
-                "qfusion.QFusionProcessor, or qfusion.detach(model) to use the host alone"
-            )
-        if input_ids is None:
-            raise ValueError(
-                "input_ids: required with qfusion_input_ids (the image placeholders are found in them; "
-                "inputs_embeds alone are not supported)"
-            )
-        questions = decode_questions(qfusion.input_ids, qfusion.attention_mask, input_ids.shape[0])
-        image_counts = decode_image_counts(qfusion.image_counts, questions)
-        if image_counts is not None and not self.supports_multi_image and any(sum(c) > 1 for c in image_counts):
-            raise ValueError(f"qfusion_image_counts: a {self.settings.model_type!r} host takes one image per prompt")
-        check_placeholders(input_ids, self.image_token_id, [len(q) for q in questions], budget, self.image_prefix,
-                           image_counts=image_counts)
-        return questions, image_counts
+        return decode_call(input_ids, qfusion.input_ids, qfusion.attention_mask, qfusion.image_counts,
+                           token_id=self.image_token_id, budget=budget, prefix=self.image_prefix,
+                           multi_image=self.supports_multi_image, host=self.settings.model_type)
 
     @staticmethod
     def check_generation_inputs(input_ids, attention_mask) -> None:
@@ -243,10 +223,10 @@ class HostAdapter:
         return save_plugin(save_directory, self.fusion, self.settings, self.hd)
 
     def __repr__(self) -> str:
-        cfg = self.fusion.config
-        return (f"{type(self).__name__}(model_type={self.settings.model_type!r}, mode={self.settings.mode!r}, "
-                f"vision_source={self.settings.vision_source!r}, hd_grid={self.settings.hd_grid}, "
-                f"m={cfg.m}, n={cfg.n}, vision_dim={cfg.vision_dim}, output_dim={cfg.output_dim})")
+        cfg, settings = self.fusion.config, self.settings
+        return (f"{type(self).__name__}(model_type={settings.model_type!r}, mode={settings.mode!r}, vision_source="
+                f"{settings.vision_source!r}, hd_grid={settings.hd_grid}, m={cfg.m}, n={cfg.n}, "
+                f"vision_dim={cfg.vision_dim}, output_dim={cfg.output_dim})")
 
 
 def get_adapter(model: nn.Module) -> HostAdapter:
