@@ -226,8 +226,11 @@ def varlen_runner(q, k, v, meta):
     return (lambda: varlen_attn(qv, kv, vv, cu, cu, length, length, **causal)), (qv, kv, vv), "torch-varlen"
 
 
-def runners(case: Case, impls, q, k, v, meta, device):
-    """name -> (fn, inputs, unpad) for every implementation that applies to the case."""
+def runners(case: Case, impls, q, k, v, meta, device, config=None):
+    """name -> (fn, inputs, unpad) for every implementation that applies to the case.
+
+    config: the kernel's config (None: its table; "autotune": the autotuner's choice).
+    """
     from torch.nn.attention import SDPBackend
 
     from qfusion.ops.triton_attention import triton_fusion_attention
@@ -237,7 +240,8 @@ def runners(case: Case, impls, q, k, v, meta, device):
     unpad = unpadder(meta)
     out = {}
     if "triton" in impls and device == "cuda":
-        out["triton"] = (lambda: triton_fusion_attention(q, k, v, meta, meta, policy=case.policy), packed, None)
+        out["triton"] = (lambda: triton_fusion_attention(q, k, v, meta, meta, policy=case.policy, config=config),
+                         packed, None)
     if "triton" in impls and device == "cpu" and interpreter_active() and q.dtype != torch.bfloat16:
         # Under the interpreter: correctness and harness only, never a speed.
         out["triton"] = (lambda: triton_fusion_attention(q, k, v, meta, meta, policy=case.policy), packed, None)
@@ -295,7 +299,7 @@ def make_inputs(case: Case, device, dtype):
     return meta, q, k, v
 
 
-def measure_case(case: Case, impls, device, dtype, measure) -> list[dict]:
+def measure_case(case: Case, impls, device, dtype, measure, kernel_config=None) -> list[dict]:
     from qfusion.ops.kernel_configs import select_config
     from qfusion.ops.triton_attention import tile_stats
 
@@ -309,11 +313,11 @@ def measure_case(case: Case, impls, device, dtype, measure) -> list[dict]:
     flops_executed = 4 * case.head_dim * case.heads * tiles.executed * config.fwd.block_m * config.fwd.block_n
     reference = math_reference(case, q, k, v, meta)
     rows = []
-    for name, (fn, inputs, unpad) in runners(case, impls, q, k, v, meta, device).items():
+    for name, (fn, inputs, unpad) in runners(case, impls, q, k, v, meta, device, kernel_config).items():
         row = dict(case=case.name, **asdict(case), impl=name, visible_pairs=pairs,
                    executed_tile_fraction=tiles.executed_fraction)
-        if name == "triton":
-            row["kernel_config"] = config.as_ints()
+        if name == "triton":  # the autotuner's choices are listed under "autotuned"
+            row["kernel_config"] = "autotune" if kernel_config == "autotune" else config.as_ints()
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -474,6 +478,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cpu-sizes", action="store_true", help="reduced sizes (the default without a GPU)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>.json)")
+    parser.add_argument("--autotune", action="store_true",
+                        help="run the kernel with the autotuner's choice per shape (recorded in the JSON)")
     args = parser.parse_args(argv)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -507,7 +513,11 @@ def main(argv=None) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = result["rows"]
     for case in cases:
-        rows += measure_case(case, impls, device, dtype, measure)
+        rows += measure_case(case, impls, device, dtype, measure, "autotune" if args.autotune else None)
+        if args.autotune:
+            from qfusion.ops.triton_attention import tuned_configs
+
+            result["autotuned"] = tuned_configs()
         path.write_text(json.dumps(result, indent=2) + "\n")  # as it goes: a crash keeps what was measured
     add_ratios(rows)
     print_table(rows, peak)

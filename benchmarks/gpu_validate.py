@@ -142,7 +142,7 @@ def stage_s1(ctx: Context) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.json"
         command = [sys.executable, "-m", "qfusion.ops.compile_check", "--arch", str(arch), "--json", str(rows_path)]
-        command += ["--limit", "1"] if ctx.smoke else ["--full"]
+        command += ["--limit", "1"] if ctx.smoke else ["--full", "--jobs", str(max(os.cpu_count() or 1, 1))]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         timeout = max(ctx.deadline.left() - sum(STAGE_RESERVE[s] for s in ("S2", "S3")), 30)
@@ -257,6 +257,8 @@ def stage_s2(ctx: Context) -> dict:
         except Exception as error:  # noqa: BLE001 - one failing case must not hide the others
             rows.append(dict(case=case[0], policy=case[3], dtype=str(case[4]), head_dim=case[5], ok=False,
                              error=_describe(error)))
+    if ctx.device == "cuda":
+        torch.cuda.empty_cache()  # give back the poisoned blocks
     return dict(passed=sum(r["ok"] for r in rows), total=len(rows), rows=rows)
 
 
@@ -384,31 +386,35 @@ def stage_s3(ctx: Context) -> dict:
         fusion_impls |= {"sdpa-mem": _sdpa_impl(SDPBackend.EFFICIENT_ATTENTION), "sdpa": _sdpa_impl(None)}
     else:
         fusion_impls |= {"sdpa": _sdpa_impl(None)}
-    for dim in ((16,) if ctx.smoke else (64, 128)):
-        for policy in ("causal", "prefix", "grouped"):
-            if ctx.deadline.left() < 30:
-                rows.append(dict(case=f"{policy} d{dim}", policy=policy, impl="*", note="dropped: deadline"))
-                continue
-            rows += _measure(ctx, _fusion_case(ctx, policy, dim), fusion_impls, peak)
-            ctx.result["stages"]["S3"] = dict(rows=rows, partial=True)
-            ctx.save()
-    lengths = (48,) if ctx.smoke else (1024, 4096, 8192)
-    for dim in ((16,) if ctx.smoke else (64, 128)):
-        for length in lengths:
-            case = Case(1 if ctx.smoke else 4, ctx.heads, dim, "causal", length=length)
-            if ctx.deadline.left() < 20:
-                rows.append(dict(case=case.name, **vars(case), impl="*", note="dropped: deadline"))
-                continue
-            rows += _measure(ctx, case, {"triton": _triton_impl, **_causal_impls(ctx)}, peak)
-            ctx.result["stages"]["S3"] = dict(rows=rows, partial=True)
-            ctx.save()
+    causal_impls = {"triton": _triton_impl, **_causal_impls(ctx)}
+    dims = (16,) if ctx.smoke else (64, 128)
+    lengths = (48,) if ctx.smoke else (4096, 1024, 8192)
+    # Most telling first, so the deadline drops the least: the fusion shape at the first head dim,
+    # plain causal at the last one (the peak goal is read at L=4k, d=128), then the rest.
+    jobs = [("fusion", dims[0], policy) for policy in ("causal", "prefix", "grouped")]
+    jobs += [("causal", dims[-1], length) for length in lengths]
+    jobs += [("fusion", dim, policy) for dim in dims[1:] for policy in ("causal", "prefix", "grouped")]
+    jobs += [("causal", dim, length) for dim in dims[:-1] for length in lengths]
+    for kind, dim, what in jobs:
+        if kind == "fusion":
+            case, impls = _fusion_case(ctx, what, dim), fusion_impls
+        else:
+            case, impls = Case(1 if ctx.smoke else 4, ctx.heads, dim, "causal", length=what), causal_impls
+        if ctx.deadline.left() < 30:
+            rows.append(dict(case=case.name, **vars(case), impl="*", note="dropped: deadline"))
+            continue
+        rows += _measure(ctx, case, impls, peak)
+        ctx.result["stages"]["S3"] = dict(rows=rows, partial=True)
+        ctx.save()
+        if ctx.device == "cuda":
+            torch.cuda.empty_cache()
     return dict(rows=rows, dtype=str(ctx.dtype), peak_tflops=peak)
 
 
 def stage_s4(ctx: Context) -> dict:
-    """Forward and fwd+bwd time of a few configs at the fusion shape (grouped)."""
+    """Forward and fwd+bwd time of a few configs at the fusion shape (grouped), and the autotuner's choice."""
     from qfusion.ops.kernel_configs import KernelConfig, PassConfig
-    from qfusion.ops.triton_attention import default_config, triton_fusion_attention
+    from qfusion.ops.triton_attention import autotune, default_config, triton_fusion_attention, tuned_configs
 
     rows = []
     for dim in ((16,) if ctx.smoke else (64, 128)):
@@ -434,7 +440,12 @@ def stage_s4(ctx: Context) -> dict:
             except Exception as error:  # noqa: BLE001
                 row["error"] = _describe(error)
             rows.append(row)
-    return dict(case="grouped fusion shape", rows=rows)
+        if ctx.deadline.left() > 20:
+            try:
+                autotune(q, k, v, meta, meta, policy="grouped")
+            except Exception as error:  # noqa: BLE001
+                rows.append(dict(head_dim=dim, autotune_error=_describe(error)))
+    return dict(case="grouped fusion shape", rows=rows, autotuned=tuned_configs())
 
 
 def stage_s5(ctx: Context) -> dict:

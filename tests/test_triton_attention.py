@@ -442,3 +442,29 @@ def test_question_fusion_with_triton_equals_eager(policy, monkeypatch):
     assert calls, "the Triton kernel did not run"
     for got, want in zip(results["triton"], results["eager"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- autotune
+
+
+def test_autotune_keeps_the_fastest_candidate_and_records_it(monkeypatch):
+    from qfusion.ops import triton_attention
+    from qfusion.ops.kernel_configs import candidates
+
+    monkeypatch.setattr(triton_attention, "_tuned", {})
+    layout = pack([20], [[3, 2]], m=4, n=2, policy="prefix")
+    meta = to_device(layout.meta)
+    q, k, v, _ = random_inputs(layout.num_tokens, layout.num_tokens, 1, 16, seed=13)
+    q, k, v = (x.to(DEVICE, torch.float32).requires_grad_() for x in (q, k, v))
+    options = candidates(torch.cuda.get_device_capability() if DEVICE == "cuda" else None, torch.float32, 16)
+    fake_ms = iter([5.0, 1.0] + [9.0] * (len(options) - 2))  # the second candidate is the fastest
+    chosen = triton_attention.autotune(q, k, v, meta, meta, policy="prefix", measure=lambda fn: (fn(), next(fake_ms))[1])
+    assert chosen == options[1]
+    (record,) = triton_attention.tuned_configs()
+    assert record["chosen"] == options[1].as_ints() and record["backward"] and len(record["timings_ms"]) == len(options)
+    # cached: the same bucket does not time again; the result equals the reference
+    out = triton_fusion_attention(q, k, v, meta, meta, policy="prefix", config="autotune")
+    torch.testing.assert_close(out, eager_attention(q, k, v, meta, meta, "prefix", 0.25), rtol=1e-5, atol=1e-5)
+    assert len(triton_attention.tuned_configs()) == 1
+    with pytest.raises(ValueError, match="config: expected a KernelConfig, 'autotune' or None"):
+        triton_fusion_attention(q, k, v, meta, meta, policy="prefix", config="fastest")

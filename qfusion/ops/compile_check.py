@@ -9,7 +9,7 @@ copies into multi-buffered shared memory in the TTGIR and ``cp.async`` in the PT
 Triton kernels are interpreted objects when ``TRITON_INTERPRET=1`` was set before triton was
 imported, so run this in a process without it (the tests do, in a subprocess)::
 
-    python -m qfusion.ops.compile_check [--full] [--json PATH]
+    python -m qfusion.ops.compile_check [--full] [--arch 90] [--jobs 8] [--json PATH]
 """
 
 from __future__ import annotations
@@ -21,12 +21,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from qfusion.ops.kernel_configs import ARCHS, HEAD_DIM_BUCKETS, TABLE, PassConfig, dtype_kind, head_dim_bucket
+from qfusion.ops.kernel_configs import (
+    ALTERNATES, ARCHS, HEAD_DIM_BUCKETS, TABLE, PassConfig, dtype_kind, head_dim_bucket,
+)
 
 KERNELS = ("fwd", "dkdv", "dq")
 """The pipelined kernels, named by the pass (and config entry) they run."""
@@ -58,14 +62,23 @@ class Case:
 
 
 def production_cases(full: bool = True, archs=ARCHS) -> list[Case]:
-    """Every production config (full) or a subset covering each target and half-precision bucket
-    below 256 under the policy with the most mask code (``grouped``)."""
+    """Every production config (full: the table and the autotuner's alternates, every dtype, head
+    dim bucket and policy) or a subset covering each target and half-precision bucket below 256
+    under the policy with the most mask code (``grouped``)."""
     if full:
         dtypes, dims, policies = (torch.bfloat16, torch.float16, torch.float32), HEAD_DIM_BUCKETS, ("causal", "prefix", "grouped")
     else:
         dtypes, dims, policies = (torch.bfloat16,), (64, 128), ("grouped",)
-    return [Case(kernel, arch, dtype, dim, policy) for arch in archs for dtype in dtypes for dim in dims
-            for policy in policies for kernel in KERNELS]
+    cases = [Case(kernel, arch, dtype, dim, policy) for arch in archs for dtype in dtypes for dim in dims
+             for policy in policies for kernel in KERNELS]
+    if full:
+        for (arch, kind, dim), configs in ALTERNATES.items():
+            dtype = torch.float32 if kind == "float32" else torch.bfloat16
+            passes = {(kernel, getattr(c, kernel)) for c in configs for kernel in KERNELS} - {
+                (kernel, getattr(TABLE[(arch, kind, dim)], kernel)) for kernel in KERNELS}
+            cases += [Case(kernel, arch, dtype, dim, "grouped", override=pc) for kernel, pc in sorted(
+                passes, key=str) if arch in archs]
+    return cases
 
 
 def _kernel_fn(kernel: str):
@@ -204,6 +217,13 @@ def describe(row: dict) -> str:
             f"{', wgmma async' if row['async_mma'] else ''}  {row['compile_s']} s")
 
 
+def _quiet() -> None:
+    import warnings
+
+    # Triton's own notice about its fp-fusion default is not ours to act on here.
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every production config (default: the subset)")
@@ -211,17 +231,17 @@ def main(argv=None) -> int:
                         help="only this target (repeatable; default: all of ARCHS)")
     parser.add_argument("--limit", type=int, default=None, help="compile only the first N cases")
     parser.add_argument("--json", default=None, help="write the rows to this JSON file (rewritten after each case)")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
-    import warnings
-
-    # Triton's own notice about its fp-fusion default is not ours to act on here.
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    _quiet()
+    cases = production_cases(full=args.full, archs=tuple(args.arch or ARCHS))[: args.limit]
     rows = []
-    for case in production_cases(full=args.full, archs=tuple(args.arch or ARCHS))[: args.limit]:
-        rows.append(compile_case(case))
-        print(describe(rows[-1]), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    with ProcessPoolExecutor(args.jobs, initializer=_quiet) if args.jobs > 1 else nullcontext() as pool:
+        for row in (pool.map(compile_case, cases) if pool else map(compile_case, cases)):
+            rows.append(row)
+            print(describe(row), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     bad = [(row, problems(row)) for row in rows if problems(row)]
     for row, found in bad:
         print(f"PROBLEM {describe(row)}: {'; '.join(found)}")

@@ -100,6 +100,19 @@ TABLE: dict[tuple[int, str, int], KernelConfig] = {
 }
 
 
+# Further candidates for the optional autotuner (:func:`qfusion.ops.triton_attention.autotune`),
+# tried after the table's entry; the compile check's full set covers them too.
+ALTERNATES: dict[tuple[int, str, int], tuple[KernelConfig, ...]] = {
+    (arch, "half", dim): (
+        KernelConfig(PassConfig(*fwd), TABLE[(arch, "half", dim)].dkdv, TABLE[(arch, "half", dim)].dq),
+        KernelConfig(TABLE[(arch, "half", dim)].fwd, PassConfig(*dkdv), PassConfig(*dq)),
+    )
+    for arch in ARCHS
+    for dim, fwd, dkdv, dq in ((64, (64, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3)),
+                               (128, (64, 64, 8, 3), (16, 64, 4, 3), (32, 32, 4, 3)))
+}
+
+
 def head_dim_bucket(head_dim: int) -> int:
     """The table bucket of a head dim (the power of two the kernel pads it to, at least 64)."""
     for bucket in HEAD_DIM_BUCKETS:
@@ -124,3 +137,11 @@ def select_config(capability: tuple[int, int] | None, dtype: torch.dtype, head_d
     if capability is None:
         return INTERPRETER
     return TABLE[(table_arch(capability), dtype_kind(dtype), head_dim_bucket(head_dim))]
+
+
+def candidates(capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int) -> list[KernelConfig]:
+    """The configs the autotuner tries, the table's first (interpreter: two tilings)."""
+    if capability is None:
+        return [INTERPRETER, KernelConfig.uniform(16, 16)]
+    key = (table_arch(capability), dtype_kind(dtype), head_dim_bucket(head_dim))
+    return [TABLE[key], *ALTERNATES.get(key, ())]

@@ -31,8 +31,9 @@ them.
 from __future__ import annotations
 
 import math
+import time
 import weakref
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -40,7 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qfusion.layout import POLICIES, VISION, AttentionMeta
-from qfusion.ops.kernel_configs import KernelConfig, select_config
+from qfusion.ops.kernel_configs import KernelConfig, candidates, select_config
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -469,17 +470,24 @@ class TilePlan(NamedTuple):
         return [t for lists in self for t in lists]
 
 
-def build_plan(meta_q: AttentionMeta, meta_k: AttentionMeta, policy: str, config: KernelConfig) -> TilePlan:
-    """Tile lists of every pass for a layout pair and policy, with the config's tile sizes."""
+def build_plan(meta_q: AttentionMeta, meta_k: AttentionMeta, policy: str, config: KernelConfig,
+               backward: bool = True) -> TilePlan:
+    """Tile lists of every pass for a layout pair and policy, with the config's tile sizes.
+
+    backward=False builds the forward's lists only and repeats them in the backward's places
+    (for inference, where the backward never runs).
+    """
 
     def classes(p):
         return tile_classes(meta_q, meta_k, policy, p.block_m, p.block_n)
 
     fwd_classes = classes(config.fwd)
+    fwd = tile_lists(fwd_classes)
+    if not backward:
+        return TilePlan(fwd, fwd, fwd)
     same_tiles = (config.dq.block_m, config.dq.block_n) == (config.fwd.block_m, config.fwd.block_n)
-    dq_classes = fwd_classes if same_tiles else classes(config.dq)
-    return TilePlan(tile_lists(fwd_classes), tile_lists(classes(config.dkdv).transpose(1, 2)),
-                    tile_lists(dq_classes))
+    dq = fwd if same_tiles else tile_lists(classes(config.dq))
+    return TilePlan(fwd, tile_lists(classes(config.dkdv).transpose(1, 2)), dq)
 
 
 class TileStats(NamedTuple):
@@ -664,23 +672,89 @@ def _stacked_meta(meta: AttentionMeta) -> Tensor:
     return _stacked[meta]
 
 
-def _plan(meta_q: AttentionMeta, meta_k: AttentionMeta, policy: str, config: KernelConfig) -> TilePlan:
-    """:func:`build_plan`, cached per (meta_q, meta_k, policy, config) in eager mode (every layer of a
-    forward shares its metas, so the lists are built once per forward)."""
+def _plan(meta_q: AttentionMeta, meta_k: AttentionMeta, policy: str, config: KernelConfig,
+          backward: bool) -> TilePlan:
+    """:func:`build_plan`, cached per (meta_q, meta_k, policy, config, backward) in eager mode
+    (every layer of a forward shares its metas, so the lists are built once per forward)."""
     if torch.compiler.is_compiling():
-        return build_plan(meta_q, meta_k, policy, config)
+        return build_plan(meta_q, meta_k, policy, config, backward)
     per_q = _plans.setdefault(meta_q, {})
-    key = (id(meta_k), policy, config)
+    key = (id(meta_k), policy, config, backward)
     cached = per_q.get(key)
     if cached is None or cached[0]() is not meta_k:
-        cached = per_q[key] = (weakref.ref(meta_k), build_plan(meta_q, meta_k, policy, config))
+        cached = per_q[key] = (weakref.ref(meta_k), build_plan(meta_q, meta_k, policy, config, backward))
     return cached[1]
+
+
+def _capability(q: Tensor) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(q.device) if q.is_cuda else None
 
 
 def default_config(q: Tensor) -> KernelConfig:
     """The kernel config for q's device, dtype and head dim (:func:`~qfusion.ops.kernel_configs.select_config`)."""
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    return select_config(capability, q.dtype, q.shape[-1])
+    return select_config(_capability(q), q.dtype, q.shape[-1])
+
+
+_tuned: dict[tuple, dict] = {}
+
+
+def _default_measure(fn: Callable[[], None], cuda: bool) -> float:
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=5, rep=25))
+    fn()  # the first call builds the tile lists
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def autotune(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: AttentionMeta, *, policy: str,
+             measure: Callable[[Callable[[], None]], float] | None = None) -> KernelConfig:
+    """The fastest of :func:`~qfusion.ops.kernel_configs.candidates` on inputs like these.
+
+    Times forward + backward of each candidate (forward only when no input requires grad); a
+    candidate that fails to compile or launch is skipped. The choice is cached per (device
+    capability, dtype, head dim, policy, token counts rounded up to powers of two, backward) and
+    listed by :func:`tuned_configs` for benchmark records. Triton's own ``triton.autotune`` cannot
+    do this: the tile sizes also decide the tile lists, which are built outside the kernel.
+    measure: milliseconds of a callable (default ``triton.testing.do_bench`` on CUDA).
+    q: (Tq, H, D); k, v: (Tk, H, D); meta_q, meta_k, policy as in :func:`triton_fusion_attention`.
+    """
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    key = (_capability(q), q.dtype, q.shape[-1], policy, triton.next_power_of_2(max(meta_q.num_tokens, 1)),
+           triton.next_power_of_2(max(meta_k.num_tokens, 1)), backward)
+    if key not in _tuned:
+        measure = measure or (lambda fn: _default_measure(fn, q.is_cuda))
+        inputs = [x.detach().requires_grad_(backward) for x in (q, k, v)]
+        timings = []
+        for config in candidates(key[0], q.dtype, q.shape[-1]):
+            def step(config=config):
+                out = triton_fusion_attention(*inputs, meta_q, meta_k, policy=policy, config=config)
+                if backward:
+                    torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+            try:
+                timings.append((measure(step), config))
+            except Exception as error:  # noqa: BLE001 - OutOfResources / CompilationError: not a candidate here
+                timings.append((float("inf"), config, f"{type(error).__name__}: {str(error)[:200]}"))
+        best = min(timings, key=lambda t: t[0])
+        if not math.isfinite(best[0]):
+            raise RuntimeError(f"q: no kernel config runs on these inputs: {[t[2] for t in timings]}")
+        _tuned[key] = dict(config=best[1], timings=timings)
+    return _tuned[key]["config"]
+
+
+def tuned_configs() -> list[dict]:
+    """Every choice :func:`autotune` made in this process, with the candidates' times, as plain data."""
+    rows = []
+    for (capability, dtype, head_dim, policy, tokens_q, tokens_k, backward), entry in _tuned.items():
+        rows.append(dict(capability=capability, dtype=str(dtype).removeprefix("torch."), head_dim=head_dim,
+                         policy=policy, tokens_q=tokens_q, tokens_k=tokens_k, backward=backward,
+                         chosen=entry["config"].as_ints(),
+                         timings_ms=[dict(config=t[1].as_ints(), ms=t[0], **({"error": t[2]} if len(t) > 2 else {}))
+                                     for t in entry["timings"]]))
+    return rows
 
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: AttentionMeta, policy: str) -> None:
@@ -708,28 +782,34 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: At
 
 def triton_fusion_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: AttentionMeta,
                             *, policy: str, scale: float | None = None, block_m: int | None = None,
-                            block_n: int | None = None, config: KernelConfig | None = None) -> Tensor:
+                            block_n: int | None = None, config: KernelConfig | str | None = None) -> Tensor:
     """Masked attention of packed queries over packed keys with the fused Triton kernel.
 
     q: (Tq, H, D); k, v: (Tk, H, D); float16, bfloat16 or float32 (bfloat16 not under the
     interpreter), D <= 256 (padded to a power of two in the kernel). meta_q, meta_k: metadata of
     each side, int32 on q's device, treated as immutable (tile lists are cached per meta pair).
     policy: "causal", "prefix" or "grouped". scale: softmax scale, default 1/sqrt(D).
-    config: tile sizes, warps and stages of each pass, default :func:`default_config`.
+    config: tile sizes, warps and stages of each pass, default :func:`default_config`; "autotune"
+        for the fastest candidate on inputs like these (:func:`autotune`, timed once per shape bucket).
     block_m, block_n: query / key tile sizes (powers of two >= 16) for all three passes at once,
     overriding ``config``'s.
 
     Returns (Tq, H, D); differentiable in q, k and v.
     """
     _validate(q, k, v, meta_q, meta_k, policy)
+    if isinstance(config, str):
+        if config != "autotune":
+            raise ValueError(f"config: expected a KernelConfig, 'autotune' or None, got {config!r}")
+        config = autotune(q, k, v, meta_q, meta_k, policy=policy)
     config = config or default_config(q)
     if block_m is not None or block_n is not None:
         base = config.fwd
         config = KernelConfig.uniform(block_m or base.block_m, block_n or base.block_n, base.num_warps,
                                       base.num_stages)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     out, _ = fusion_attention_fwd(
         q, k, v, _stacked_meta(meta_q), meta_q.cu_seqlens, _stacked_meta(meta_k), meta_k.cu_seqlens,
-        _plan(meta_q, meta_k, policy, config).tensors(), policy, scale, config.as_ints(),
+        _plan(meta_q, meta_k, policy, config, backward).tensors(), policy, scale, config.as_ints(),
     )
     return out
