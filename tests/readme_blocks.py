@@ -12,3 +12,20 @@ def python_blocks(section: str) -> list[str]:
     match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
     assert match, f"README has no section {section!r}"
     return re.findall(r"```python\n(.*?)```", match.group(1), flags=re.S)
+
+
+_PRINT = re.compile(r"^(\s*)print\((.*)\)\s+# (.+)$")
+
+
+def checked(block: str) -> str:
+    """The block with every one-line ``print(...)  # expected`` turned into a check that the printed
+    text equals the comment (so the README's stated outputs are asserted, not just shown)."""
+    lines = []
+    for line in block.splitlines():
+        match = _PRINT.match(line)
+        if match:
+            indent, args, expected = match.groups()
+            line = (f"{indent}__printed = ' '.join(str(a) for a in ({args},)); "
+                    f"assert __printed == {expected.strip()!r}, (__printed, {expected.strip()!r})")
+        lines.append(line)
+    return "\n".join(lines) + "\n"

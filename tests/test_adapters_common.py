@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest_hosts import IMAGE_TOKEN_ID, capture_llm_inputs, fusion_config, greedy, hosts, images  # noqa: F401
 from PIL import Image
-from readme_blocks import python_blocks
+from readme_blocks import checked, python_blocks
 from torch import nn
 
 import qfusion
@@ -29,7 +29,7 @@ def test_readme_adapter_sections_run_as_written(hosts, title, tmp_path, monkeypa
     for block in blocks:
         for checkpoint, kind in CHECKPOINTS.items():  # the hub checkpoints, as tiny random ones
             block = block.replace(repr(checkpoint).replace("'", '"'), repr(hosts.directory(kind)))
-        exec(compile(block, f"README ({title})", "exec"), namespace)
+        exec(compile(checked(block), f"README ({title})", "exec"), namespace)
 
 
 def test_every_supported_model_type_has_an_adapter():
