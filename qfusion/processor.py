@@ -21,10 +21,11 @@ import torch
 from torch import Tensor
 
 from qfusion.inputs import (check_budget, check_placeholders, encode_image_counts, encode_questions,
-                            placeholder_counts)
+                            placeholder_blocks, placeholder_counts, question_images)
 from qfusion.vision import hd_views
 
 PROCESSOR_CONFIG_NAME = "qfusion_processor.json"
+VISION_WRAP = ("<|vision_start|>", "<|vision_end|>")
 QUESTION_TOKENIZER_DIR = "question_tokenizer"
 
 
@@ -45,11 +46,11 @@ def _text_of(content) -> str:
     )
 
 
-def _image_items(content) -> int:
-    """How many ``{"type": "image"}`` items a chat message's content holds."""
+def _visual_items(content) -> list[str]:
+    """The kinds ("image" / "video") of the visual items of a chat message's content, in order."""
     if isinstance(content, str):
-        return 0
-    return sum(1 for item in content if isinstance(item, dict) and item.get("type") == "image")
+        return []
+    return [item["type"] for item in content if isinstance(item, dict) and item.get("type") in ("image", "video")]
 
 
 def _as_unit_image(image) -> Any:
@@ -104,6 +105,13 @@ class QFusionProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"host_processor: its tokenizer has no image token {self.image_token!r}")
+        video = getattr(host_processor, "video_token", None)
+        self.video_token = None if video is None else str(getattr(video, "content", video))
+        self.video_token_id = None if video is None else tokenizer.convert_tokens_to_ids(self.video_token)
+        vocab = tokenizer.get_vocab()
+        # Qwen-VL hosts wrap every visual input's placeholders in these (its M-RoPE groups runs by them)
+        self.vision_wrap = (VISION_WRAP if all(token in vocab for token in VISION_WRAP) and video is not None
+                            else None)
         if model is not None:
             from qfusion.adapters import get_adapter
 
@@ -153,9 +161,27 @@ class QFusionProcessor:
         """Image placeholders of one sample with ``num_questions`` questions: prefix + m + (G−1)·n."""
         return sum(placeholder_counts(num_questions, self.budget, self.image_prefix))
 
-    def _placeholders(self, count: int) -> str:
-        """The prompt text of ``count`` image placeholders."""
-        return self.image_token * count
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """The token ids of the image (and video) placeholders."""
+        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
+
+    def _placeholders(self, blocks: list[int], kinds: list[str]) -> str:
+        """The prompt text before one question: per visual input it is about (kinds), its placeholders
+        (blocks); one run per visual input between the host's vision markers where it has them."""
+        if self.video_token is None and "video" in kinds:
+            raise ValueError(f"conversations: {type(self.host).__name__} has no video token; its host takes no video")
+        tokens = [self.video_token if kind == "video" else self.image_token for kind in kinds]
+        if self.vision_wrap is None:
+            return "".join(token * count for token, count in zip(tokens, blocks))
+        start, end = self.vision_wrap
+        return "".join(start + token * count + end for token, count in zip(tokens, blocks))
+
+    def _prompt_placeholders(self, num_questions: int, kinds: list[str], image_counts: list[int]) -> list[str]:
+        """Per question of a sample, the placeholder text before it (kinds: its visual inputs in order)."""
+        about = question_images(image_counts)
+        blocks = placeholder_blocks(num_questions, self.budget, self.image_prefix, image_counts)
+        return [self._placeholders(block, [kinds[i] for i in images]) for block, images in zip(blocks, about)]
 
     # ------------------------------------------------------------------ inputs
 
@@ -209,15 +235,18 @@ class QFusionProcessor:
         brings at least one (a conversation about one image need not mark it).
         """
         users = [message for message in conversation if message["role"] == "user"]
-        image_counts = [_image_items(message["content"]) for message in users]
-        image_counts[0] = max(image_counts[0], 1)
-        runs = placeholder_counts(len(users), self.budget, self.image_prefix, image_counts)
+        items = [_visual_items(message["content"]) for message in users]
+        if not items[0]:
+            items[0] = ["image"]
+        image_counts = [len(kinds) for kinds in items]
+        kinds = [kind for turn in items for kind in turn]
+        runs = self._prompt_placeholders(len(users), kinds, image_counts)
         questions, turns, messages = [], [], []
         for message in conversation:
             message = copy.copy(message)
             text = _text_of(message["content"])
             if message["role"] == "user":
-                text_with_image = self._placeholders(runs[len(questions)]) + text
+                text_with_image = runs[len(questions)] + text
                 questions.append(text)
                 message["content"] = (text_with_image if isinstance(message["content"], str)
                                       else [{"type": "text", "text": text_with_image}])
@@ -227,26 +256,44 @@ class QFusionProcessor:
             add_generation_prompt = conversation[-1]["role"] == "user"
         prompt = self.tokenizer.apply_chat_template(messages, chat_template=self._chat_template(), tokenize=False,
                                                     add_generation_prompt=add_generation_prompt)
-        return prompt, questions, turns, image_counts
+        return prompt, questions, turns, image_counts, kinds
 
-    def _images(self, images, image_counts: list[list[int]]) -> dict[str, Tensor]:
-        """The image processor's outputs for every image of the batch, in prompt order."""
-        batch_size = len(image_counts)
-        if images is None:
-            raise ValueError("images: required, one image per sample (or a list per sample with several)")
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if len(images) != batch_size:
-            raise ValueError(f"images: expected one image per sample ({batch_size} samples), got {len(images)}")
+    @staticmethod
+    def _per_sample(values, wanted: list[int], name: str, kind: str) -> list:
+        """All ``name`` of the batch in prompt order; ``wanted``: per sample, how many it needs."""
+        if not any(wanted):
+            if values is not None:
+                raise ValueError(f"{name}: the prompts have no {kind} items, got {kind}s")
+            return []
+        if values is None:
+            raise ValueError(f"{name}: required, one {kind} per sample (or a list per sample with several)")
+        if not isinstance(values, (list, tuple)):
+            values = [values]
+        if len(values) != len(wanted):
+            raise ValueError(f"{name}: expected one {kind} per sample ({len(wanted)} samples), got {len(values)}")
         flat = []
-        for b, (entry, counts) in enumerate(zip(images, image_counts)):
-            entry = list(entry) if isinstance(entry, (list, tuple)) else [entry]
-            if len(entry) != sum(counts):
+        for b, (entry, count) in enumerate(zip(values, wanted)):
+            entry = [] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry]
+            if len(entry) != count:
                 raise ValueError(
-                    f"images[{b}]: expected {sum(counts)} images (the image items of its user turns), got {len(entry)}"
+                    f"{name}[{b}]: expected {count} {kind}s (the {kind} items of its user turns), got {len(entry)}"
                 )
             flat += entry
-        images = flat
+        return flat
+
+    def _videos(self, videos) -> dict[str, Tensor]:
+        """The host video processor's outputs for every video of the batch, in prompt order."""
+        if not videos:
+            return {}
+        processor = getattr(self.host, "video_processor", None)
+        if processor is None:
+            raise ValueError(f"videos: {type(self.host).__name__} has no video_processor")
+        return dict(processor(videos=list(videos), return_tensors="pt"))
+
+    def _images(self, images) -> dict[str, Tensor]:
+        """The image processor's outputs for every image of the batch, in prompt order."""
+        if not images:
+            return {}
         if self.hd_grid is None:
             return dict(self.host.image_processor(list(images), return_tensors="pt"))
         processor = self.host.image_processor
@@ -275,7 +322,7 @@ class QFusionProcessor:
         return encode_questions(ids)
 
     def _check_counts(self, input_ids: Tensor, questions: list[list[str]], image_counts: list[list[int]]) -> None:
-        found = (input_ids == self.image_token_id).sum(-1).tolist()
+        found = torch.isin(input_ids, torch.tensor(self.placeholder_ids)).sum(-1).tolist()
         expected = [sum(placeholder_counts(len(sample), self.budget, self.image_prefix, counts))
                     for sample, counts in zip(questions, image_counts)]
         if found != expected:
@@ -284,7 +331,7 @@ class QFusionProcessor:
                 f"({len(questions)} images; m={self.m}, n={self.n}, prefix={self.image_prefix}); does the chat "
                 "template or the text add its own image tokens?"
             )
-        check_placeholders(input_ids, self.image_token_id, [len(sample) for sample in questions], self.budget,
+        check_placeholders(input_ids, self.placeholder_ids, [len(sample) for sample in questions], self.budget,
                            self.image_prefix, name="text", image_counts=image_counts)
 
     @staticmethod
@@ -315,17 +362,20 @@ class QFusionProcessor:
                     labels[b, after] = eos_id
         return labels
 
-    def __call__(self, images=None, conversations=None, questions=None, *, add_generation_prompt: bool | None = None,
-                 prompt_format: str = "{question}", return_labels: bool = False, padding_side: str | None = None,
-                 return_tensors: str = "pt"):
+    def __call__(self, images=None, conversations=None, questions=None, *, videos=None,
+                 add_generation_prompt: bool | None = None, prompt_format: str = "{question}",
+                 return_labels: bool = False, padding_side: str | None = None, return_tensors: str = "pt"):
         """Inputs for ``model(**inputs)`` / ``model.generate(**inputs)``, one image per sample.
 
         images: one image per sample (PIL, arrays or tensors, as the host's image processor takes), or
             per sample a list of images when its conversation has several (one per image item).
+        videos: hosts with video (Qwen-VL, LLaVA-OneVision): per sample a video or a list of videos,
+            one per ``{"type": "video"}`` item of its conversation, as the host's video processor takes them.
         conversations: the host's chat format, one conversation per sample (or one conversation):
             ``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]``.
-            Every user turn is a question; image items are dropped and the placeholders are put right
-            before each user text; the prompt is rendered with the host's chat template.
+            Every user turn is a question; image and video items are dropped and the placeholders are
+            put right before each user text (per visual input, Qwen-VL hosts wrap its run in
+            ``<|vision_start|>`` … ``<|vision_end|>``); the prompt is rendered with the host's chat template.
         questions: instead of conversations: a string, one string per image, or a list of strings per
             image; each becomes ``prompt_format.format(question=...)`` after its placeholders, joined by
             spaces, tokenized with the host tokenizer's special tokens.
@@ -351,23 +401,28 @@ class QFusionProcessor:
             batch_questions = [r[1] for r in rendered]
             turns = [r[2] for r in rendered]
             image_counts = [r[3] for r in rendered]
+            kinds = [r[4] for r in rendered]
             special = False  # chat templates write their own special tokens
         else:
             if return_labels:
                 raise ValueError("return_labels: needs conversations (the assistant turns are the labels)")
             batch_questions = self._batch_questions(questions)
             image_counts = [[1] + [0] * (len(sample) - 1) for sample in batch_questions]
-            prompts = [" ".join(self._placeholders(run) + prompt_format.format(question=q)
-                                for run, q in zip(placeholder_counts(len(sample), self.budget, self.image_prefix),
-                                                  sample))
-                       for sample in batch_questions]
+            kinds = [["image"] for _ in batch_questions]
+            prompts = [" ".join(run + prompt_format.format(question=q)
+                                for run, q in zip(self._prompt_placeholders(len(sample), ["image"], counts), sample))
+                       for sample, counts in zip(batch_questions, image_counts)]
             special = True
         encoding = self.tokenizer(prompts, add_special_tokens=special, padding=True, return_tensors="pt",
                                   return_offsets_mapping=return_labels,
                                   padding_side=padding_side)
         self._check_counts(encoding["input_ids"], batch_questions, image_counts)
         data = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
-        data.update(self._images(images, image_counts))
+        if self.vision_wrap is not None:  # Qwen-VL hosts position by token type: 0 text, 1 image, 2 video
+            ids = encoding["input_ids"]
+            data["mm_token_type_ids"] = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+        data.update(self._images(self._per_sample(images, [k.count("image") for k in kinds], "images", "image")))
+        data.update(self._videos(self._per_sample(videos, [k.count("video") for k in kinds], "videos", "video")))
         data["qfusion_input_ids"], data["qfusion_attention_mask"] = self._question_ids(batch_questions)
         data["qfusion_budget"] = self.budget
         data["qfusion_image_counts"] = encode_image_counts(image_counts, data["qfusion_input_ids"].shape[1])

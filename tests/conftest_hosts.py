@@ -190,6 +190,8 @@ class Hosts:
     def processor(self, kind: str):
         from transformers import AutoProcessor
 
+        if kind in QWEN_KINDS:
+            return QwenProcessor.from_pretrained(self.directory(kind))
         return AutoProcessor.from_pretrained(self.directory(kind))
 
 
@@ -224,12 +226,156 @@ def capture_llm_inputs(language_model):
     return records, language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def greedy(model, inputs: dict, steps: int) -> torch.Tensor:
-    """A hand-written greedy decoding loop: the full forward on the growing sequence, argmax each step."""
+def greedy(model, inputs: dict, steps: int, suppress_tokens=()) -> torch.Tensor:
+    """A hand-written greedy decoding loop: the full forward on the growing sequence, argmax each step
+    (never one of ``suppress_tokens``, as ``generate(..., suppress_tokens=...)``)."""
     inputs = dict(inputs)
     for _ in range(steps):
-        logits = model(**inputs).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        logits = model(**inputs).logits[:, -1]
+        logits[:, list(suppress_tokens)] = -float("inf")
+        token = logits.argmax(-1, keepdim=True)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], token], dim=1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
     return inputs["input_ids"]
+
+
+# ---------------------------------------------------------------------- Qwen-VL hosts
+
+QWEN_SPECIALS = ["<|endoftext|>", "[UNK]", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>",
+                 "<|vision_start|>", "<|vision_end|>"]
+QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION_END_ID = 5, 6, 7
+QWEN_WORDS = QWEN_SPECIALS + ["user", "assistant", "system"] + list(WORDS[7:])
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join(' ') %}"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ text }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_tokenizer():
+    """A word-level fast tokenizer with Qwen's chat and vision special tokens (<|image_pad|> at id 4)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = QWEN_WORDS + [f"w{i}" for i in range(VOCAB - len(QWEN_WORDS))]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
+                              "im_start_token": "<|im_start|>"},
+    )
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == IMAGE_TOKEN_ID
+    assert tok.convert_tokens_to_ids("<|vision_end|>") == QWEN_VISION_END_ID
+    return tok
+
+
+def qwen_text(head_dim=16, **extra):
+    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0, **extra})
+
+
+QWEN_IDS = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=QWEN_VIDEO_TOKEN_ID,
+                vision_start_token_id=QWEN_VISION_START_ID, vision_end_token_id=QWEN_VISION_END_ID)
+
+
+class FramesVideoProcessor:
+    """Stands in for the host's video processor (whose transformers class needs torchvision): each
+    video's frames, in pairs, through the host's image processor, laid out as the host's video patches
+    ((t, h, w) grids, t = frames / temporal_patch_size; within a pair the first frame is used twice)."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+        self.temporal_patch_size = image_processor.temporal_patch_size
+        self.merge_size = image_processor.merge_size
+
+    def __call__(self, videos, return_tensors="pt", **kwargs):
+        pixels, grids = [], []
+        for video in videos:
+            frames = list(video)[:: self.temporal_patch_size]
+            out = self.image_processor(frames, return_tensors="pt")
+            grid = out["image_grid_thw"]
+            assert bool((grid == grid[0]).all()), "frames of one video must have one size"
+            pixels.append(out["pixel_values"])
+            grids.append([len(frames), int(grid[0, 1]), int(grid[0, 2])])
+        return {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids)}
+
+
+class QwenProcessor:
+    """Stands in for ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` (which cannot be built without
+    torchvision, for their video processor): the host's tokenizer, image processor and chat template,
+    a :class:`FramesVideoProcessor`, and the image / video tokens, as the host processor has them."""
+
+    image_token, video_token = "<|image_pad|>", "<|video_pad|>"
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.video_processor = FramesVideoProcessor(image_processor)
+        self.chat_template = tokenizer.chat_template
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(directory), AutoImageProcessor.from_pretrained(directory))
+
+
+def _qwen_processor(directory):
+    from transformers import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56 * 4, patch_size=14, merge_size=2,
+                             temporal_patch_size=2).save_pretrained(directory)
+    qwen_tokenizer().save_pretrained(directory)
+
+
+def build_qwen2_5_vl(directory):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    config = Qwen2_5_VLConfig(vision_config=vision, text_config=qwen_text(), **QWEN_IDS)
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(directory)
+    _qwen_processor(directory)
+
+
+def build_qwen2_vl(directory):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    config = Qwen2VLConfig(vision_config=vision, text_config=qwen_text(), **QWEN_IDS)
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(directory)
+    _qwen_processor(directory)
+
+
+def build_qwen3_vl(directory):
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    config = Qwen3VLConfig(vision_config=vision, text_config=dict(qwen_text(mrope_interleaved=True), head_dim=16),
+                           **QWEN_IDS)
+    torch.manual_seed(0)
+    Qwen3VLForConditionalGeneration(config).save_pretrained(directory)
+    _qwen_processor(directory)
+
+
+BUILDERS.update({"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl})
+QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def videos(count: int, frames: int = 4, seed: int = 0, size=(56, 56)) -> list[np.ndarray]:
+    """Random RGB uint8 videos (frames, H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (frames, *size, 3), dtype=np.uint8) for _ in range(count)]

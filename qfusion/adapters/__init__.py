@@ -6,7 +6,7 @@
 
 ``attach`` dispatches on ``model.config.model_type`` (:data:`ADAPTERS`); ``detach`` undoes it exactly.
 The host internals are known only in the per-family files (:mod:`qfusion.adapters.llava`,
-:mod:`qfusion.adapters.blip2`); the generic parts are :mod:`~qfusion.adapters.patching`
+:mod:`qfusion.adapters.qwen_vl`, :mod:`qfusion.adapters.blip2`); the generic parts are :mod:`~qfusion.adapters.patching`
 (reversible patching), :mod:`~qfusion.adapters.plugin` (the plugin on disk, fitting a config to a
 host) and :mod:`~qfusion.adapters.lora` (peft).
 """
@@ -25,16 +25,17 @@ from qfusion.adapters.llava import LlavaAdapter
 from qfusion.adapters.lora import lora_config, unwrap_model
 from qfusion.adapters.plugin import (ADAPTER_CONFIG_NAME, AdapterSettings, build_hd, check_fit, fit_config, load_plugin,
                                      resolve_settings)
+from qfusion.adapters.qwen_vl import QwenVLAdapter
 from qfusion.config import FusionConfig
 from qfusion.model import QuestionFusion
 
 ADAPTERS: dict[str, type[HostAdapter]] = {
-    model_type: adapter for adapter in (LlavaAdapter, Blip2Adapter) for model_type in adapter.model_types
+    model_type: adapter for adapter in (LlavaAdapter, QwenVLAdapter, Blip2Adapter) for model_type in adapter.model_types
 }
 """Host ``config.model_type`` -> the adapter class that serves it."""
 
 __all__ = ["ADAPTERS", "ADAPTER_CONFIG_NAME", "AdapterSettings", "Blip2Adapter", "FUSION_MODULE", "FusionCache",
-           "HD_MODULE", "HostAdapter", "LlavaAdapter", "attach", "detach", "get_adapter", "lora_config"]
+           "HD_MODULE", "HostAdapter", "LlavaAdapter", "QwenVLAdapter", "attach", "detach", "get_adapter", "lora_config"]
 
 
 def _host_placement(model: nn.Module, adapter: HostAdapter) -> tuple:
@@ -49,8 +50,9 @@ def attach(model: nn.Module, fusion, *, mode: str | None = None, vision_source: 
     """Attach a QuestionFusion plugin to a transformers VLM instance; returns the adapter handle.
 
     model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
-        ``Blip2ForConditionalGeneration`` or ``InstructBlipForConditionalGeneration`` (decoder-only
-        LLM), before any peft wrapping. Only this instance is patched: its ``forward`` and
+        ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+        ``Qwen3VLForConditionalGeneration``, ``Blip2ForConditionalGeneration`` or
+        ``InstructBlipForConditionalGeneration`` (decoder-only LLM), before any peft wrapping. Only this instance is patched: its ``forward`` and
         ``generate`` then take ``qfusion_input_ids`` / ``qfusion_attention_mask``, ``qfusion_budget``
         and ``qfusion_cache``, and the fusion becomes the submodule ``model.qfusion``, which the host's
         own ``save_pretrained`` leaves out.
@@ -62,7 +64,8 @@ def attach(model: nn.Module, fusion, *, mode: str | None = None, vision_source: 
     mode: BLIP family: "replace" (default; fused tokens instead of the Q-Former's query outputs, into
         ``language_projection``) or "augment" (after them).
     vision_source: LLaVA family: "projector" (default; host features after its multimodal projector)
-        or "tower" (the selected vision-tower features before it).
+        or "tower" (the selected vision-tower features before it). Qwen-VL: "merger" (the features
+        after the patch merger, as its LLM receives them).
     hd: LLaVA: an HD front-end, (rows, cols) to build one (``qfusion.vision.HDFrontEnd``), or None.
     train_vision_tower, train_projector, train_llm: which host parts keep ``requires_grad``
         (default: all frozen; the plugin trains). ``detach`` restores the previous flags.

@@ -82,6 +82,11 @@ class HostAdapter:
         return int(self.model.config.image_token_id)
 
     @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        """The placeholder token ids the fused tokens fill (images; with video, its placeholder too)."""
+        return (self.image_token_id,)
+
+    @property
     def image_prefix(self) -> int:
         """Host tokens placed before the first question's fused tokens (BLIP ``augment``: the Q-Former's)."""
         return 0
@@ -122,7 +127,7 @@ class HostAdapter:
         """(validated questions, per sample per question the new images it brings or None) of a call
         with images; the placeholders in input_ids must fit them."""
         return decode_call(input_ids, qfusion.input_ids, qfusion.attention_mask, qfusion.image_counts,
-                           token_id=self.image_token_id, budget=budget, prefix=self.image_prefix,
+                           token_id=self.placeholder_ids, budget=budget, prefix=self.image_prefix,
                            multi_image=self.supports_multi_image, host=self.settings.model_type)
 
     @staticmethod

@@ -1,0 +1,245 @@
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL hosts: fused tokens fill the image and video placeholder runs.
+
+Data flow of a patched call (transformers 5 ``Qwen2_5_VLForConditionalGeneration`` and kin;
+``model.model`` holds ``visual`` (the vision tower with its patch merger) and ``language_model``):
+
+    pixel_values / pixel_values_videos ─ host ``get_image_features`` / ``get_video_features`` ─>
+    (V, d) per image or video (after the patch merger; a video's frames after the host's temporal
+    patching, all of them) ─ QuestionFusion(questions) ─> k fused tokens per (visual input, question)
+    ─ ``mm_encoder_outputs`` ─> the host's own forward, which scatters them into the
+    ``<|image_pad|>`` / ``<|video_pad|>`` placeholders
+
+Every placeholder run stands between ``<|vision_start|>`` and ``<|vision_end|>``, one run per visual
+input per question (:mod:`qfusion.inputs`). Videos and images may be mixed in one prompt.
+
+Positions (M-RoPE): the host computes 3-D positions from ``image_grid_thw`` / ``video_grid_thw``
+with its own ``get_rope_index``. The adapter keeps that function and hands it, instead of the
+visual inputs' real grids, one *virtual grid* per placeholder run: k fused tokens are a grid of
+1 × k merged patches (``(1, s, s·k)`` in patch units, s the spatial merge size) at temporal index
+0. So a run of k fused tokens gets temporal and height positions p (the position where the run
+starts) and width positions p … p+k−1, and the text after it continues at p+k, exactly as text
+would. ``generate`` computes the same positions once and extends them; the KV cache and every
+follow-up question (its own run) follow the same rule.
+
+Qwen3-VL's multi-level (deepstack) features are added to the hidden states of the first LLM layers
+at the visual positions; they have one row per original vision token, not per fused token. The
+rule here: **off** for fused tokens — the LLM gets no deepstack features when the plugin feeds it
+(``deepstack_features`` is an empty list, so the host adds nothing and nothing is broadcast).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qfusion.adapters.base import HostAdapter
+from qfusion.adapters.patching import QFusionArguments
+from qfusion.inputs import placeholder_blocks, question_images
+
+IMAGE, VIDEO = "image", "video"
+
+
+class QwenVLAdapter(HostAdapter):
+    """Adapter for ``qwen2_vl``, ``qwen2_5_vl`` and ``qwen3_vl`` hosts (see the module docstring)."""
+
+    family = "qwen_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    modes = ("replace",)
+    vision_sources = ("merger",)
+    supports_multi_image = True
+    llm_name = "model.language_model"
+
+    def check_host(self) -> None:
+        base = getattr(self.model, "model", None)
+        for part in ("visual", "language_model", "get_rope_index"):
+            if not hasattr(base, part):
+                raise TypeError(
+                    f"model: expected a transformers 5 {self.settings.model_type} model with model.model.{part}, "
+                    f"got {type(self.model).__name__}"
+                )
+
+    # ------------------------------------------------------------------ host facts
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def fusion_output_dim(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    @property
+    def video_token_id(self) -> int:
+        return int(self.model.config.video_token_id)
+
+    @property
+    def placeholder_ids(self) -> tuple[int, int]:
+        return self.image_token_id, self.video_token_id
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    @property
+    def has_deepstack(self) -> bool:
+        """Whether the host adds multi-level vision features into its first LLM layers (Qwen3-VL)."""
+        return hasattr(self.model.model.visual, "deepstack_merger_list")
+
+    def module_groups(self) -> dict[str, list[str]]:
+        projector = ["model.visual.merger"]
+        if self.has_deepstack:
+            projector.append("model.visual.deepstack_merger_list")
+        return {"vision_tower": ["model.visual"], "projector": projector, "llm": ["model.language_model", "lm_head"]}
+
+    # ------------------------------------------------------------------ vision features
+
+    def encode(self, pixel_values: Tensor | None, image_grid_thw: Tensor | None, pixel_values_videos: Tensor | None,
+               video_grid_thw: Tensor | None, kinds: list[str]) -> list[Tensor]:
+        """The host's merged vision features per visual input, (V_i, hidden), in prompt order.
+
+        kinds: per visual input of the batch in prompt order, "image" or "video".
+        """
+        host = self.model.model
+        per_kind = {IMAGE: [], VIDEO: []}
+        if pixel_values is not None:
+            per_kind[IMAGE] = list(host.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+        if pixel_values_videos is not None:
+            per_kind[VIDEO] = list(host.get_video_features(pixel_values_videos, video_grid_thw,
+                                                           return_dict=True).pooler_output)
+        for kind, name in ((IMAGE, "pixel_values"), (VIDEO, "pixel_values_videos")):
+            wanted = kinds.count(kind)
+            if len(per_kind[kind]) != wanted:
+                raise ValueError(
+                    f"{name}: the prompts have {wanted} {kind}(s) (their placeholder runs), the inputs "
+                    f"hold {len(per_kind[kind])}"
+                )
+        taken = {IMAGE: iter(per_kind[IMAGE]), VIDEO: iter(per_kind[VIDEO])}
+        return [next(taken[kind]) for kind in kinds]
+
+    # ------------------------------------------------------------------ placeholder runs
+
+    def runs(self, input_ids: Tensor, questions, image_counts, budget) -> list[list[tuple[str, int]]]:
+        """Per sample, its placeholder runs in prompt order as (kind, length); one run per visual
+        input per question (each wrapped in ``<|vision_start|>`` … ``<|vision_end|>``)."""
+        out = []
+        for b, sample in enumerate(questions):
+            ids = input_ids[b].tolist()
+            runs, previous = [], None
+            for token in ids:
+                kind = IMAGE if token == self.image_token_id else VIDEO if token == self.video_token_id else None
+                if kind is not None and kind == previous:
+                    runs[-1][1] += 1
+                elif kind is not None:
+                    runs.append([kind, 1])
+                previous = kind
+            counts = None if image_counts is None else image_counts[b]
+            blocks = [k for block in placeholder_blocks(len(sample), budget, 0, counts) for k in block]
+            if [length for _, length in runs] != blocks:
+                raise ValueError(
+                    f"input_ids: sample {b} has placeholder runs {[length for _, length in runs]}, expected one "
+                    f"run per image/video per question, {blocks}, each between <|vision_start|> and "
+                    "<|vision_end|>; build the inputs with qfusion.QFusionProcessor"
+                )
+            out.append([tuple(run) for run in runs])
+        return out
+
+    @staticmethod
+    def visual_kinds(runs: list[list[tuple[str, int]]], questions, image_counts) -> list[str]:
+        """Per visual input of the batch in prompt order, its kind (read off its first run)."""
+        kinds = []
+        for b, sample in enumerate(questions):
+            counts = [1] + [0] * (len(sample) - 1) if image_counts is None else image_counts[b]
+            about = question_images(counts)
+            run = iter(runs[b])
+            seen: dict[int, str] = {}
+            for images in about:
+                for image in images:
+                    kind, _ = next(run)
+                    if seen.setdefault(image, kind) != kind:
+                        raise ValueError(
+                            f"input_ids: sample {b} has both image and video placeholders for visual input {image}"
+                        )
+            kinds += [seen[i] for i in range(len(seen))]
+        return kinds
+
+    def virtual_grids(self, runs: list[list[tuple[str, int]]], kind: str, device) -> Tensor | None:
+        """(runs of ``kind``, 3) grids of 1 × k merged patches, one per placeholder run (the M-RoPE rule)."""
+        s = self.merge_size
+        grids = [[1, s, s * length] for sample in runs for run_kind, length in sample if run_kind == kind]
+        return torch.tensor(grids, dtype=torch.long, device=device) if grids else None
+
+    def token_types(self, input_ids: Tensor) -> Tensor:
+        """``mm_token_type_ids`` of input_ids: 0 text, 1 image placeholder, 2 video placeholder."""
+        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        types[input_ids == self.image_token_id] = 1
+        types[input_ids == self.video_token_id] = 2
+        return types
+
+    # ------------------------------------------------------------------ the patched calls
+
+    def _with_fused_tokens(self, args: dict, qfusion: QFusionArguments) -> dict:
+        """The host arguments with the fused tokens as ``mm_encoder_outputs`` and the virtual grids, or
+        the arguments unchanged for calls without visual inputs and questions (e.g. decoding steps)."""
+        pixel_values, videos = args.get("pixel_values"), args.get("pixel_values_videos")
+        if pixel_values is None and videos is None and not qfusion.given:
+            return args
+        if args.get("mm_encoder_outputs") is not None:
+            raise ValueError(
+                "mm_encoder_outputs: pass either precomputed embeddings or pixel values with qfusion_input_ids, not both"
+            )
+        if args.get("inputs_embeds") is not None:
+            raise ValueError("inputs_embeds: not supported with qfusion inputs; pass input_ids")
+        if pixel_values is None and videos is None and (qfusion.cache is None or qfusion.cache.is_empty):
+            raise ValueError(
+                "pixel_values: required with qfusion_input_ids (or pixel_values_videos; unless a filled "
+                "qfusion_cache holds the visual inputs)"
+            )
+        input_ids = args.get("input_ids", args.get("inputs"))
+        budget = self.call_budget(qfusion)
+        questions, image_counts = self.questions(qfusion, input_ids, budget)
+        runs = self.runs(input_ids, questions, image_counts, budget)
+        kinds = self.visual_kinds(runs, questions, image_counts)
+        image_grid, video_grid = args.get("image_grid_thw"), args.get("video_grid_thw")
+        if pixel_values is not None and image_grid is None or videos is not None and video_grid is None:
+            raise ValueError("image_grid_thw / video_grid_thw: required with pixel_values / pixel_values_videos "
+                             "(the host's processor returns them)")
+
+        def encode():
+            return self.encode(pixel_values, image_grid, videos, video_grid, kinds), None
+
+        given = [p for p in (pixel_values, videos) if p is not None]
+        key = torch.cat(given) if given else None  # what the FusionCache compares
+        grids = [g.flatten() for g in (image_grid, video_grid) if g is not None]
+        context = torch.cat([torch.tensor([len(kinds)], device=grids[0].device)] + grids) if grids else None
+        num_visuals = None if key is None else len(kinds)
+        tokens, _ = self.fused_tokens(encode, key, questions, qfusion.cache, budget, context=context,
+                                      image_counts=image_counts, num_images=num_visuals)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        embed = self.model.get_input_embeddings().weight
+        per_kind = {IMAGE: [], VIDEO: []}
+        for sample_runs, sample_tokens in zip(runs, tokens):
+            rows = torch.cat(sample_tokens).to(device=embed.device, dtype=embed.dtype)
+            for (kind, _), piece in zip(sample_runs, rows.split([length for _, length in sample_runs])):
+                per_kind[kind].append(piece)
+        outputs = {kind: BaseModelOutputWithPooling(pooler_output=pieces) for kind, pieces in per_kind.items() if pieces}
+        if self.has_deepstack:
+            for output in outputs.values():
+                output["deepstack_features"] = []  # the deepstack rule: off for fused tokens
+        args = {k: v for k, v in args.items() if k not in ("pixel_values", "pixel_values_videos", "second_per_grid_ts")}
+        args["mm_encoder_outputs"] = outputs
+        args["image_grid_thw"] = self.virtual_grids(runs, IMAGE, input_ids.device)
+        args["video_grid_thw"] = self.virtual_grids(runs, VIDEO, input_ids.device)
+        args["mm_token_type_ids"] = self.token_types(input_ids)
+        return args
+
+    def patched_forward(self, args: dict, qfusion: QFusionArguments):
+        """The host's forward with the images and videos compressed by the plugin."""
+        return self.host_method("forward")(**self._with_fused_tokens(args, qfusion))
+
+    def patched_generate(self, args: dict, qfusion: QFusionArguments):
+        """The host's generate with the images and videos compressed by the plugin."""
+        self.check_generation_inputs(args.get("input_ids", args.get("inputs")), args.get("attention_mask"))
+        with torch.no_grad():
+            args = self._with_fused_tokens(args, qfusion)
+        return self.host_method("generate")(**args)
