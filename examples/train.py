@@ -1,74 +1,89 @@
-"""Train a QuestionFusion plugin on a LLaVA-family checkpoint: the paper's three-stage recipe.
+"""Train and evaluate a QuestionFusion plugin on a LLaVA-family checkpoint: the paper's three-stage recipe.
 
 Stages (``--stage``):
-  align     stage 1: vision tower (optional) + fusion + a text encoder; contrastive + λ·identity loss
-            (each question's ⟨eos⟩ embedding vs its answer's text embedding). No LLM forward.
+  align     stage 1: vision tower (optional) + fusion + an answer encoder; contrastive + λ·identity loss
+            (each question's ⟨eos⟩ embedding vs its answer's embedding). No LLM forward. The answer
+            encoder is, by default, the host LLM's own input embeddings (mean-pooled, frozen; only
+            its projection trains): nothing to download. ``text_encoder`` names a transformers text
+            model instead (the paper: CLIP's text tower, read at its <eos>).
   generate  stage 2: fusion (+ LoRA on the LLM, optional) through the frozen LLM; generation loss on
             the answers and their closing eos only.
-  sweep     stage 3: fine-tune the stage-2 plugin on a fraction of the data for each (m, n) in
-            ``sweep`` and, with ``sweep_no_question``, for the vision-and-queries-only ablation;
-            one output folder per setting.
-  elastic   stage 2 with m (and n ≤ m) drawn per step from ``budgets``: one plugin for every budget.
+  elastic   stage 2 with m (and n ≤ m) drawn per micro-batch from ``budgets``: one plugin for every budget.
+  eval      greedy answers of the attached host (``generate`` on left-padded batches) to every question
+            of ``eval.data``, scored by exact match and VQA-normalised match, per budget of
+            ``eval.budgets`` and per question type.
+  sweep     stage 3: for every budget of ``sweep.budgets`` and every mode of ``sweep.modes`` (the
+            question fused, and the paper's no-question ablation), fine-tune on ``sweep.fraction``
+            of the data, evaluate, then fit P(N) = (N_c / N)^α per mode and question type.
 
 Data: LLaVA-style conversation JSONL, one record a line:
-  {"image": "relative/path.jpg", "conversations": [{"from": "human", "value": "<image>\\nQuestion?"},
+  {"image": "relative/path.jpg", "type": "color", "conversations": [{"from": "human", "value": "<image>\\nQ?"},
    {"from": "gpt", "value": "Answer."}, {"from": "human", "value": "Follow-up?"}, ...]}
 Several turns about one image use the m/n layout (m fused tokens before the first question, n before
-each later one).
+each later one). ``type`` (on the record, or on a human turn for that question) is optional: eval
+reports each type apart.
+
+Settings: a YAML file (``--config``, repeatable: later files merge into earlier ones) with the keys of
+TrainConfig, its sections ``optim``, ``eval`` and ``sweep``, and ``fusion`` (FusionConfig fields);
+``--set KEY=VALUE`` overrides one key, dotted into sections (``--set optim.lr=1e-3``,
+``--set fusion.m=4``); a mapping value merges into the section (``--set "fusion={m: 4, n: 4}"``
+changes those two fields only).
 
 Run with plain python or ``accelerate launch`` (DDP; FSDP/DeepSpeed through accelerate configs):
   python examples/train.py --config examples/configs/llava-1.5-7b.yaml --stage align
   accelerate launch --num_processes 8 examples/train.py --config ... --stage generate --plugin out/align
-Any config key can be overridden on the command line: ``--set lr=1e-5 --set max_steps=100``.
 
-Writes into ``output_dir``: the plugin only (``config.json`` + ``model.safetensors`` + adapter settings
-+ the question tokenizer), ``metrics.jsonl`` (one line per optimizer step) and ``checkpoint/`` (for
-``resume: true``: plugin, optimizer, scheduler, step and RNG states).
+Writes into ``output_dir``: training stages the plugin only (``config.json`` + ``model.safetensors``
++ adapter settings + the question tokenizer), ``metrics.jsonl`` (one line per optimizer step) and
+``checkpoint/`` (for ``resume: true``); eval ``eval.json`` and ``scores.csv`` (what ``qfusion fit``
+reads: ``qfusion fit scores.csv --y vqa_match --group series``); sweep one folder per run and
+``scores.csv``, ``fits.json`` (what ``qfusion fit --json`` writes and ``qfusion budget`` reads),
+``scaling.png`` and ``sweep.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, field, fields, replace
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object, set_seed
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import (AutoModel, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer,
+                          get_cosine_schedule_with_warmup)
 
 import qfusion
 from qfusion import FusionConfig, QFusionProcessor
 from qfusion.adapters import get_adapter
-from qfusion.config import RUNTIME_FIELDS
-from qfusion.inputs import decode_questions
 from qfusion.answer_encoder import AnswerEncoder
+from qfusion.config import RUNTIME_FIELDS
+from qfusion.inputs import check_budget, decode_questions
 from qfusion.losses import contrastive_loss, generation_loss, identity_loss
+from qfusion.scaling import fit_power_law, plot_scaling, save_fits
 
-STAGES = ("align", "generate", "sweep", "elastic")
+STAGES = ("align", "generate", "elastic", "eval", "sweep")
+MODES = ("question", "no_question")
+METRICS = ("exact_match", "vqa_match")
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a training run (YAML keys of the same names; defaults from the paper's Appendix C)."""
+class OptimConfig:
+    """Optimisation (YAML section ``optim``): the paper's 7B settings by default; see the README for
+    the settings of a small fresh plugin (a far larger learning rate)."""
 
-    model: str = field(default="", metadata={"help": "host checkpoint (directory or hub id), LLaVA family"})
-    data: str = field(default="", metadata={"help": "conversation JSONL"})
-    image_root: str = field(default=".", metadata={"help": "folder the records' image paths are relative to"})
-    output_dir: str = field(default="qfusion-out", metadata={"help": "where the plugin, metrics and checkpoints go"})
-    stage: str = field(default="generate", metadata={"help": f"one of {STAGES}"})
-    plugin: str | None = field(default=None, metadata={"help": "start from this saved plugin (e.g. stage 1's output)"})
-    fusion: dict = field(default_factory=dict, metadata={"help": "FusionConfig fields for a new plugin"})
-    text_encoder: str | None = field(default=None, metadata={"help": "align: transformers text model (dir or id)"})
-    text_pooling: str = field(default="eos", metadata={"help": "align: 'eos' (CLIP), 'mean' or 'cls'"})
     lr: float = 2e-5
     weight_decay: float = 0.0
     warmup_ratio: float | None = field(default=None, metadata={"help": "default 0.1 for align, 0.03 otherwise"})
@@ -77,6 +92,77 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "samples per process per micro-batch"})
     grad_accum: int = 1
     max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"optim.max_steps: expected >= 1 or null, got {self.max_steps}")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr: expected > 0, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (YAML section ``eval``): greedy answers on held-out conversations."""
+
+    data: str | None = field(default=None, metadata={"help": "held-out conversation JSONL (images under image_root)"})
+    budgets: list | None = field(default=None, metadata={
+        "help": "[m, ...] or [[m, n], ...] (an m alone takes n = min(the plugin's n, m)); "
+                "default: the plugin's budget"})
+    batch_size: int = 8
+    max_new_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name}: expected >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SweepConfig:
+    """The budget sweep (YAML section ``sweep``): one fine-tune and evaluation per budget and mode."""
+
+    budgets: list | None = field(default=None, metadata={
+        "help": "[m, ...] or [[m, n], ...]; default: the powers of two up to codebook_size, and codebook_size"})
+    modes: list = field(default_factory=lambda: list(MODES), metadata={"help": f"a subset of {MODES}"})
+    fraction: float = field(default=0.1, metadata={"help": "share of the training data each run fine-tunes on"})
+    metric: str = field(default="vqa_match", metadata={"help": f"the score the power law is fitted to, {METRICS}"})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for each fit's alpha interval"})
+
+    def __post_init__(self) -> None:
+        if not self.modes or any(mode not in MODES for mode in self.modes):
+            raise ValueError(f"sweep.modes: expected a non-empty subset of {list(MODES)}, got {self.modes!r}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"sweep.fraction: expected in (0, 1], got {self.fraction}")
+        if self.metric not in METRICS:
+            raise ValueError(f"sweep.metric: expected one of {METRICS}, got {self.metric!r}")
+        if self.bootstrap < 0:
+            raise ValueError(f"sweep.bootstrap: expected >= 0, got {self.bootstrap}")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run (YAML keys of the same names; the defaults follow the paper's Appendix C)."""
+
+    model: str = field(default="", metadata={"help": "host checkpoint (directory or hub id), LLaVA family"})
+    data: str = field(default="", metadata={"help": "training conversation JSONL"})
+    image_root: str = field(default=".", metadata={"help": "folder the records' image paths are relative to"})
+    output_dir: str = field(default="qfusion-out", metadata={"help": "where the plugin, metrics and results go"})
+    stage: str = field(default="generate", metadata={"help": f"one of {STAGES}"})
+    plugin: str | None = field(default=None, metadata={"help": "start from (eval: evaluate) this saved plugin"})
+    fusion: dict = field(default_factory=dict, metadata={
+        "help": "FusionConfig fields: a new plugin's architecture, or a loaded plugin's m / n / use_question"})
+    text_encoder: str | None = field(default=None, metadata={
+        "help": "align: a transformers text model (dir or id); null = the host LLM's input embeddings"})
+    text_pooling: str = field(default="eos", metadata={
+        "help": "align with text_encoder: 'eos' (CLIP), 'mean' or 'cls'"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    budgets: list | None = field(default=None, metadata={
+        "help": "elastic: the m drawn from (n <= m drawn too); default: the powers of 4 up to the plugin's m, and m"})
     mixed_precision: str = field(default="auto", metadata={"help": "'auto' (bf16 where supported), 'no', 'bf16'"})
     seed: int = 0
     log_every: int = 1
@@ -85,10 +171,6 @@ class TrainConfig:
     train_vision_tower: bool = False
     lora: bool = False
     lora_r: int = 8
-    budgets: list = field(default_factory=lambda: [1, 4, 16, 64], metadata={"help": "elastic: m drawn from these"})
-    sweep: list = field(default_factory=list, metadata={"help": "sweep: [[m, n], ...]"})
-    sweep_no_question: bool = False
-    sweep_fraction: float = 0.1
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -96,47 +178,190 @@ class TrainConfig:
             raise ValueError(f"stage: expected one of {STAGES}, got {self.stage!r}")
         if not self.model:
             raise ValueError("model: expected a host checkpoint (directory or hub id)")
-        if not self.data:
+        if not self.data and self.stage != "eval":
             raise ValueError("data: expected a conversation JSONL file")
-        if self.stage == "align" and not self.text_encoder:
-            raise ValueError("text_encoder: the align stage needs a transformers text encoder")
-        if self.stage == "sweep" and not (self.sweep or self.sweep_no_question):
-            raise ValueError("sweep: expected a list of [m, n] pairs (or sweep_no_question: true)")
-        for name in ("batch_size", "grad_accum", "log_every", "save_every"):
+        if self.stage in ("eval", "sweep") and not self.eval.data:
+            raise ValueError(f"eval.data: the {self.stage} stage scores answers on a held-out conversation JSONL; "
+                             "expected its path")
+        if self.stage == "eval" and not self.plugin:
+            raise ValueError("plugin: the eval stage needs a saved plugin directory to evaluate")
+        unknown = sorted(set(self.fusion) - {f.name for f in fields(FusionConfig)})
+        if unknown:
+            raise ValueError(f"fusion: unknown FusionConfig fields {unknown}")
+        for name in ("log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        if not 0 < self.sweep_fraction <= 1:
-            raise ValueError(f"sweep_fraction: expected in (0, 1], got {self.sweep_fraction}")
 
     @property
     def warmup(self) -> float:
-        return self.warmup_ratio if self.warmup_ratio is not None else (0.1 if self.stage == "align" else 0.03)
+        if self.optim.warmup_ratio is not None:
+            return self.optim.warmup_ratio
+        return 0.1 if self.stage == "align" else 0.03
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def merge(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in: a mapping merges into a mapping key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def parse_override(item: str) -> dict:
+    """``--set a.b=value`` → ``{"a": {"b": value}}``; the value is parsed as YAML (and ``1e-3`` as a number,
+    which YAML 1.1 would read as a string)."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ValueError(f"--set: expected KEY=VALUE with KEY a name or a dotted path (optim.lr), got {item!r}")
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _check_value(name: str, value, hint) -> None:
+    """A TypeError naming the key unless value fits the annotation (int, float, bool, str, list, dict, X | None)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return
+    for kind in options:
+        kind = typing.get_origin(kind) or kind
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind in (bool, str, list, dict) and isinstance(value, kind):
+            return
+    expected = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in options)
+    raise TypeError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _sections() -> dict[str, str]:
+    """Key → section of every key that lives in a section (for the hint of an unknown top-level key)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: name for name, kind in hints.items() if is_dataclass(kind) for f in fields(kind)}
+
+
+def build_config(cls, values: dict, prefix: str = ""):
+    """A settings dataclass from a (nested) mapping; unknown keys and mistyped values are errors naming the key."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        sections = _sections() if cls is TrainConfig else {}
+        moved = [f"{sections[key]}.{key}" for key in unknown if key in sections]
+        raise ValueError(f"config: unknown keys {[prefix + key for key in unknown]}"
+                         + (f" (did you mean {moved}?)" if moved else ""))
+    kwargs = {}
+    for key, value in values.items():
+        if is_dataclass(hints[key]):
+            kwargs[key] = build_config(hints[key], value, f"{prefix}{key}.")
+        else:
+            _check_value(prefix + key, value, hints[key])
+            kwargs[key] = value
+    return cls(**kwargs)
 
 
 def load_config(argv=None) -> TrainConfig:
-    """A TrainConfig from ``--config file.yaml``, then ``--stage``/``--plugin``/``--output-dir`` and ``--set k=v``."""
+    """A TrainConfig from ``--config`` files, then ``--set`` overrides, then ``--stage``, ``--plugin``,
+    ``--output-dir``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file with TrainConfig keys")
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML file of settings; several merge in order (e.g. a model file, then a size file)")
     parser.add_argument("--stage", choices=STAGES)
     parser.add_argument("--plugin")
     parser.add_argument("--output-dir")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (the value is parsed as YAML)")
+                        help="override one setting, sections by dotted keys (optim.lr=1e-3, fusion.m=4); "
+                             "the value is parsed as YAML, and a mapping merges into its section")
     args = parser.parse_args(argv)
-    values = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    known = {f.name for f in fields(TrainConfig)}
+    values: dict = {}
+    for path in args.config:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config: expected a mapping of settings in {path!r}, got {type(loaded).__name__}")
+        values = merge(values, loaded)
     for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
-        values[key] = yaml.safe_load(value)
+        values = merge(values, parse_override(item))
     for key, value in (("stage", args.stage), ("plugin", args.plugin), ("output_dir", args.output_dir)):
         if value is not None:
             values[key] = value
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"config: unknown keys {unknown}")
-    return TrainConfig(**values)
+    return build_config(TrainConfig, values)
+
+
+def parse_budgets(values: list, name: str, codebook_size: int, default_n: int) -> list[tuple[int, int]]:
+    """Budgets (m, n) from ``[m, ...]`` or ``[[m, n], ...]``: an m alone takes n = min(default_n, m)."""
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{name}: expected a non-empty list of m or [m, n], got {values!r}")
+    budgets = []
+    for i, value in enumerate(values):
+        pair = (value, min(default_n, value)) if isinstance(value, int) and not isinstance(value, bool) else value
+        budgets.append(check_budget(tuple(pair) if isinstance(pair, list) else pair, codebook_size, f"{name}[{i}]"))
+    return budgets
+
+
+def powers_up_to(base: int, limit: int) -> list[int]:
+    """1, base, base², ... up to limit, and limit itself."""
+    values = [1]
+    while values[-1] * base <= limit:
+        values.append(values[-1] * base)
+    return values + ([limit] if values[-1] != limit else [])
+
+
+def elastic_budgets(budgets: list[int]) -> list[tuple[int, int]]:
+    """Every (m, n) with m and n <= m drawn from ``budgets``."""
+    return sorted({(m, n) for m in budgets for n in budgets if n <= m})
+
+
+def new_fusion_config(fusion: dict) -> FusionConfig:
+    """The FusionConfig of a new plugin from ``fusion``; an m (n) left out defaults to FusionConfig's
+    default capped at codebook_size (m), so a small codebook needs no budget of its own."""
+    defaults = {f.name: f.default for f in fields(FusionConfig)}
+    architecture = {k: v for k, v in fusion.items() if k not in RUNTIME_FIELDS}
+    codebook = architecture.get("codebook_size", defaults["codebook_size"])
+    if isinstance(codebook, int):
+        architecture.setdefault("m", min(defaults["m"], codebook))
+        if isinstance(architecture["m"], int):
+            architecture.setdefault("n", min(defaults["n"], architecture["m"]))
+    return FusionConfig(**architecture)
+
+
+RECONFIGURABLE = ("m", "n", "use_question")
+"""Fusion settings a run may change on a loaded plugin (they change no weight)."""
+
+
+def plugin_changes(cfg: TrainConfig) -> tuple[dict, dict]:
+    """(reconfigurable changes, runtime choices) of ``cfg.fusion`` for a loaded plugin; any other
+    setting must equal the plugin's, else an error naming it."""
+    saved = FusionConfig.from_pretrained(cfg.plugin).to_dict()
+    changes, runtime = {}, {}
+    for key, value in cfg.fusion.items():
+        if key in RUNTIME_FIELDS:
+            runtime[key] = value
+        elif key in RECONFIGURABLE:
+            changes[key] = value
+        elif saved[key] is not None and value != saved[key]:
+            raise ValueError(
+                f"fusion.{key}: the plugin {cfg.plugin!r} was built with {key}={saved[key]!r}, the config asks "
+                f"for {value!r}; drop the setting or train a new plugin (only {list(RECONFIGURABLE)} may change)"
+            )
+    return changes, runtime
+
+
+# ---------------------------------------------------------------------------------------------- data
 
 
 class ConversationDataset(Dataset):
@@ -158,17 +383,17 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def image(self, index: int) -> Image.Image:
+        return Image.open(self.image_root / self.records[index]["image"]).convert("RGB")
+
     def __getitem__(self, index: int):
-        record = self.records[index]
-        image = Image.open(self.image_root / record["image"]).convert("RGB")
-        conversation = []
-        for turn in record["conversations"]:
-            text = turn["value"].replace("<image>", "").strip()
-            if turn["from"] == "human":
-                conversation.append({"role": "user", "content": [{"type": "text", "text": text}]})
-            else:
-                conversation.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
-        return image, conversation
+        return self.image(index), [chat_turn(turn) for turn in self.records[index]["conversations"]]
+
+
+def chat_turn(turn: dict) -> dict:
+    """A LLaVA turn ({"from", "value"}) as a transformers chat message (the <image> marker dropped)."""
+    role = "user" if turn["from"] == "human" else "assistant"
+    return {"role": role, "content": [{"type": "text", "text": turn["value"].replace("<image>", "").strip()}]}
 
 
 def answers_of(conversation: list[dict]) -> list[str]:
@@ -181,11 +406,15 @@ class Collator:
 
     processors: budget (m, n) -> the QFusionProcessor building inputs for it; with several, one is
         drawn per micro-batch (elastic training: nested slots make every budget the same module).
+    answer_tokenizer: align: tokenizes each answer for the answer encoder;
+        answer_special_tokens whether it adds its special tokens (CLIP's <eos> is read; the host's
+        own <s> would only shift every mean-pooled answer alike).
     """
 
-    def __init__(self, processors: dict, answer_tokenizer=None, seed: int = 0):
+    def __init__(self, processors: dict, answer_tokenizer=None, answer_special_tokens: bool = True, seed: int = 0):
         self.processors = processors
         self.answer_tokenizer = answer_tokenizer
+        self.answer_special_tokens = answer_special_tokens
         self.rng = random.Random(seed)
 
     def __call__(self, batch):
@@ -196,42 +425,17 @@ class Collator:
         if self.answer_tokenizer is not None:
             # one answer per question group, in batch order (questions without an answer are dropped)
             answers = [a for c in conversations for a in answers_of(c)]
-            tokens = self.answer_tokenizer(answers, padding=True, truncation=True, return_tensors="pt")
+            tokens = self.answer_tokenizer(answers, padding=True, truncation=True, padding_side="right",
+                                           add_special_tokens=self.answer_special_tokens, return_tensors="pt")
             inputs["answer_input_ids"], inputs["answer_attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
         return inputs
 
 
-def elastic_budgets(budgets: list) -> list[tuple[int, int]]:
-    """Every (m, n) with m and n <= m drawn from ``budgets``."""
-    return sorted({(m, n) for m in budgets for n in budgets if n <= m})
+# ---------------------------------------------------------------------------------------------- training
 
 
-RECONFIGURABLE = ("m", "n", "use_question")
-"""Fusion settings a run may change on a loaded plugin (they change no weight)."""
-
-
-def plugin_changes(cfg: "TrainConfig") -> tuple[dict, dict]:
-    """(reconfigurable changes, runtime choices) of ``cfg.fusion`` for a loaded plugin; any other
-    setting must equal the plugin's, else an error naming it."""
-    saved = FusionConfig.from_pretrained(cfg.plugin).to_dict()
-    changes, runtime = {}, {}
-    for key, value in cfg.fusion.items():
-        if key in RUNTIME_FIELDS:
-            runtime[key] = value
-        elif key in RECONFIGURABLE:
-            changes[key] = value
-        elif key not in saved:
-            raise ValueError(f"fusion.{key}: not a FusionConfig field")
-        elif saved[key] is not None and value != saved[key]:
-            raise ValueError(
-                f"fusion.{key}: the plugin {cfg.plugin!r} was built with {key}={saved[key]!r}, the config asks "
-                f"for {value!r}; drop the setting or train a new plugin (only {list(RECONFIGURABLE)} may change)"
-            )
-    return changes, runtime
-
-
-def build(cfg: TrainConfig):
-    """Host with the plugin attached (+ LoRA), the processor, and for align the answer encoder."""
+def load_host(cfg: TrainConfig, fusion_changes: dict | None = None):
+    """(host with the plugin attached, its adapter, the host processor) for cfg's plugin or a new one."""
     model = AutoModelForImageTextToText.from_pretrained(cfg.model)
     host_processor = AutoProcessor.from_pretrained(cfg.model)
     if cfg.plugin:
@@ -241,29 +445,42 @@ def build(cfg: TrainConfig):
             adapter.fusion.configure(**changes)
     else:
         runtime = {k: v for k, v in cfg.fusion.items() if k in RUNTIME_FIELDS}
-        architecture = {k: v for k, v in cfg.fusion.items() if k not in RUNTIME_FIELDS}
-        adapter = qfusion.attach(model, FusionConfig(**architecture), train_vision_tower=cfg.train_vision_tower,
+        adapter = qfusion.attach(model, new_fusion_config(cfg.fusion), train_vision_tower=cfg.train_vision_tower,
                                  **runtime)
+    return model, adapter, host_processor
+
+
+def build(cfg: TrainConfig):
+    """Host with the plugin attached (+ LoRA), the processors per budget, and for align the answer encoder
+    with its tokenizer and whether that adds special tokens."""
+    model, adapter, host_processor = load_host(cfg)
     if cfg.lora and cfg.stage != "align":
         from peft import get_peft_model
 
         model = get_peft_model(model, qfusion.lora_config(model, r=cfg.lora_r))
+    config = adapter.fusion.config
     if cfg.stage == "elastic":
-        codebook = adapter.fusion.config.codebook_size
-        too_large = [b for b in cfg.budgets if b > codebook]
+        values = cfg.budgets if cfg.budgets is not None else powers_up_to(4, config.m)
+        if not values or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in values):
+            raise ValueError(f"budgets: expected a non-empty list of positive integers, got {values!r}")
+        too_large = [b for b in values if b > config.codebook_size]
         if too_large:
-            raise ValueError(f"budgets: {too_large} exceed the plugin's codebook_size={codebook}")
-        budgets = elastic_budgets(cfg.budgets)
+            raise ValueError(f"budgets: {too_large} exceed the plugin's codebook_size={config.codebook_size}")
+        budgets = elastic_budgets(values)
     else:
         budgets = [adapter.budget]
     processors = {(m, n): QFusionProcessor(host_processor, model, m=m, n=n) for m, n in budgets}
     encoder = None
-    if cfg.stage == "align":
+    if cfg.stage == "align" and cfg.text_encoder:
         text_model = AutoModel.from_pretrained(cfg.text_encoder)
         if not hasattr(text_model.config, "hidden_size"):  # a dual encoder (CLIP): keep its text tower
             text_model = text_model.text_model
-        encoder = AnswerEncoder(text_model, adapter.fusion.config.contrastive_dim, pooling=cfg.text_pooling)
-        encoder.tokenizer = AutoTokenizer.from_pretrained(cfg.text_encoder)
+        encoder = AnswerEncoder(text_model, config.contrastive_dim, pooling=cfg.text_pooling)
+        encoder.tokenizer, encoder.special_tokens = AutoTokenizer.from_pretrained(cfg.text_encoder), True
+    elif cfg.stage == "align":
+        embeddings = model.get_input_embeddings()
+        encoder = AnswerEncoder.from_input_embeddings(embeddings, config.contrastive_dim).to(embeddings.weight.device)
+        encoder.tokenizer, encoder.special_tokens = host_processor.tokenizer, False
     return model, adapter, processors, encoder
 
 
@@ -279,7 +496,8 @@ def align_loss(model, encoder: AnswerEncoder, batch) -> torch.Tensor:
     answer_ids = batch["answer_input_ids"]
     num = answer_ids.shape[0]
     if num != out.eos_embed.shape[0]:
-        raise ValueError(f"data: every question needs an answer turn; {out.eos_embed.shape[0]} questions, {num} answers")
+        raise ValueError(
+            f"data: every question needs an answer turn; {out.eos_embed.shape[0]} questions, {num} answers")
     answer_embed = encoder(answer_ids, batch["answer_attention_mask"])
     keys = [ids[mask.bool()] for ids, mask in zip(answer_ids, batch["answer_attention_mask"])]
     config = fusion.config
@@ -291,27 +509,32 @@ def host_inputs(batch) -> dict:
     return {k: v for k, v in batch.items() if not k.startswith("answer_") and k != "labels"}
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one stage; returns the final metrics (and writes the plugin into cfg.output_dir)."""
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision)
+    return Accelerator(gradient_accumulation_steps=cfg.optim.grad_accum, mixed_precision=precision)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one training stage; returns the final metrics (and writes the plugin into cfg.output_dir)."""
+    opt = cfg.optim
+    accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     model, adapter, processors, encoder = build(cfg)
     dataset = ConversationDataset(cfg.data, cfg.image_root)
     if cfg.stage == "sweep":
-        count = max(1, int(len(dataset) * cfg.sweep_fraction))
+        count = max(1, int(len(dataset) * cfg.sweep.fraction))
         dataset.records = random.Random(cfg.seed).sample(dataset.records, count)
-    collate = Collator(processors, encoder.tokenizer if encoder is not None else None,
+    collate = Collator(processors, getattr(encoder, "tokenizer", None), getattr(encoder, "special_tokens", True),
                        seed=cfg.seed + accelerator.process_index)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+    loader = DataLoader(dataset, batch_size=opt.batch_size, shuffle=True, collate_fn=collate,
                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum / accelerator.num_processes)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    steps_per_epoch = math.ceil(len(loader) / opt.grad_accum / accelerator.num_processes)
+    total_steps = opt.max_steps or max(1, math.ceil(opt.epochs * steps_per_epoch))
     modules = [model] + ([encoder] if encoder is not None else [])
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup * total_steps), total_steps)
     prepared = accelerator.prepare(*modules, optimizer, loader, scheduler)
     model, encoder = prepared[0], (prepared[1] if encoder is not None else None)
@@ -344,12 +567,12 @@ def train(cfg: TrainConfig) -> dict:
                     labels = batch["labels"]
                     logits = model(**host_inputs(batch)).logits
                     # normalise by the answer tokens of the whole accumulation window on every process
-                    items = accelerator.gather((labels[:, 1:] != -100).sum()).sum() * cfg.grad_accum
+                    items = accelerator.gather((labels[:, 1:] != -100).sum()).sum() * opt.grad_accum
                     loss = generation_loss(logits, labels, num_items_in_batch=items) \
-                        * accelerator.num_processes * cfg.grad_accum
+                        * accelerator.num_processes * opt.grad_accum
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(params, opt.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -374,18 +597,203 @@ def train(cfg: TrainConfig) -> dict:
     return last
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+PUNCTUATION = re.compile(r"[^\w\s'.]|_")
+DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
+LONE_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")
+
+
+def normalize_answer(text: str) -> str:
+    """An answer normalised as the VQA evaluation does: lower case; commas inside numbers and periods
+    outside decimals dropped; other punctuation marks (but apostrophes) become spaces; number words
+    zero..ten (and none) become digits; the articles a, an, the are dropped. (The VQA evaluation's
+    table of spelled-out contractions is not applied.)
+
+    >>> normalize_answer("The Two dogs, 1,000 times!")
+    '2 dogs 1000 times'
+    >>> normalize_answer("3.5 m.")
+    '3.5 m'
+    """
+    text = DIGIT_COMMA.sub("", text.lower().strip())
+    text = LONE_PERIOD.sub(" ", PUNCTUATION.sub(" ", text))
+    words = [NUMBER_WORDS.get(word, word) for word in text.split() if word not in ARTICLES]
+    return " ".join(words)
+
+
+def eval_items(dataset: ConversationDataset) -> list[dict]:
+    """One item per question of every record: the conversation up to that question (the earlier
+    answers given as in the data), its reference answer and its type (the turn's, else the record's)."""
+    items = []
+    for index, record in enumerate(dataset.records):
+        history = []
+        turns = record["conversations"]
+        for t, turn in enumerate(turns):
+            history.append(chat_turn(turn))
+            if turn["from"] != "human":
+                continue
+            answer = turns[t + 1] if t + 1 < len(turns) else None
+            if answer is None or answer["from"] == "human":
+                raise ValueError(f"eval.data: record {index} has a question without an answer turn after it")
+            items.append({"record": index, "conversation": list(history), "answer": answer["value"],
+                          "type": turn.get("type", record.get("type"))})
+    return items
+
+
+def score(predictions: list[str], answers: list[str]) -> dict:
+    """Exact match and VQA-normalised match, in percent, of predictions against reference answers."""
+    exact = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
+    vqa = sum(normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers))
+    count = len(answers)
+    return {"exact_match": 100.0 * exact / count, "vqa_match": 100.0 * vqa / count, "count": count}
+
+
+@torch.no_grad()
+def predict(model, processor: QFusionProcessor, dataset: ConversationDataset, items: list[dict],
+            batch_size: int, max_new_tokens: int, accelerator: Accelerator) -> list[str]:
+    """Greedy answers to every item, this process's share in left-padded batches, gathered in item order."""
+    mine = list(range(accelerator.process_index, len(items), accelerator.num_processes))
+    answers = []
+    for start in range(0, len(mine), batch_size):
+        chunk = [items[i] for i in mine[start:start + batch_size]]
+        inputs = processor(images=[dataset.image(item["record"]) for item in chunk],
+                           conversations=[item["conversation"] for item in chunk], add_generation_prompt=True)
+        inputs = inputs.to(accelerator.device)
+        with accelerator.autocast():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    gathered = gather_object(list(zip(mine, answers)))
+    return [answer.strip() for _, answer in sorted(gathered)]
+
+
+def budget_scores(predictions: list[str], items: list[dict]) -> dict:
+    """{"all": scores, "by_type": {type: scores}} (types only when the items have any)."""
+    answers = [item["answer"] for item in items]
+    result = {"all": score(predictions, answers), "by_type": {}}
+    for kind in sorted({item["type"] for item in items if item["type"] is not None}):
+        chosen = [i for i, item in enumerate(items) if item["type"] == kind]
+        result["by_type"][kind] = score([predictions[i] for i in chosen], [answers[i] for i in chosen])
+    return result
+
+
+def score_rows(result: dict, mode: str) -> list[dict]:
+    """The rows of scores.csv for one evaluation: per budget, the whole set and each type (series
+    ``mode`` and ``mode:type``); ``tokens`` is m, the fused tokens of a first question."""
+    rows = []
+    for entry in result["budgets"]:
+        groups = {mode: entry["all"], **{f"{mode}:{kind}": s for kind, s in entry["by_type"].items()}}
+        for series, s in groups.items():
+            rows.append({"series": series, "tokens": entry["m"], "m": entry["m"], "n": entry["n"],
+                         **{metric: s[metric] for metric in METRICS}, "count": s["count"]})
+    return rows
+
+
+def write_scores_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["series", "tokens", "m", "n", *METRICS, "count"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def evaluate(cfg: TrainConfig, mode: str | None = None) -> dict:
+    """Score the greedy answers of cfg's plugin on ``eval.data`` at every budget of ``eval.budgets``;
+    writes ``eval.json`` (with every prediction) and ``scores.csv`` into cfg.output_dir and returns the
+    eval.json content. ``mode`` names the series (default: from the plugin's use_question)."""
+    accelerator = make_accelerator(cfg)
+    model, adapter, host_processor = load_host(cfg)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    model.eval()
+    config = adapter.fusion.config
+    mode = mode or ("question" if config.use_question else "no_question")
+    budgets = ([adapter.budget] if cfg.eval.budgets is None
+               else parse_budgets(cfg.eval.budgets, "eval.budgets", config.codebook_size, config.n))
+    dataset = ConversationDataset(cfg.eval.data, cfg.image_root)
+    items = eval_items(dataset)
+    result = {"plugin": cfg.plugin, "data": cfg.eval.data, "mode": mode, "budgets": [], "predictions": {}}
+    for m, n in budgets:
+        processor = QFusionProcessor(host_processor, model, m=m, n=n)
+        predictions = predict(model, processor, dataset, items, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                              accelerator)
+        result["budgets"].append({"m": m, "n": n, **budget_scores(predictions, items)})
+        result["predictions"][f"m{m}-n{n}"] = predictions
+    if accelerator.is_main_process:
+        out_dir = Path(cfg.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+        write_scores_csv(score_rows(result, mode), out_dir / "scores.csv")
+    accelerator.wait_for_everyone()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+def sweep_budgets(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """The sweep's budgets: ``sweep.budgets``, or the powers of two up to the plugin's codebook_size."""
+    base = FusionConfig.from_pretrained(cfg.plugin) if cfg.plugin else new_fusion_config(cfg.fusion)
+    values = cfg.sweep.budgets if cfg.sweep.budgets is not None else powers_up_to(2, base.codebook_size)
+    return parse_budgets(values, "sweep.budgets", base.codebook_size, cfg.fusion.get("n", base.n))
+
+
+def fit_series(rows: list[dict], metric: str, bootstrap: int) -> tuple[dict, dict]:
+    """(fits, reasons): P(N) fitted per series of rows on ``metric`` (``bootstrap`` resamples for the α
+    interval); a series that cannot be fitted (fewer than 3 budgets, a zero score, no power law) is
+    left out with the reason."""
+    fits, reasons = {}, {}
+    for series in dict.fromkeys(row["series"] for row in rows):
+        chosen = [row for row in rows if row["series"] == series]
+        try:
+            fits[series] = fit_power_law([row["tokens"] for row in chosen], [row[metric] for row in chosen],
+                                         n_bootstrap=bootstrap)
+        except ValueError as error:
+            reasons[series] = str(error)
+    return fits, reasons
+
+
+def run_sweep(cfg: TrainConfig) -> dict:
+    """Fine-tune and evaluate every (budget, mode); fit and plot the law per series; returns sweep.json's content."""
+    out_dir = Path(cfg.output_dir)
+    runs, rows = [], []
+    for mode in cfg.sweep.modes:
+        for m, n in sweep_budgets(cfg):
+            name = f"m{m}-n{n}" + ("-no-question" if mode == "no_question" else "")
+            fusion = merge(cfg.fusion, {"m": m, "n": n, "use_question": mode == "question"})
+            run_cfg = replace(cfg, fusion=fusion, output_dir=str(out_dir / name))
+            last = train(run_cfg)
+            result = evaluate(replace(run_cfg, stage="eval", plugin=run_cfg.output_dir,
+                                      eval=replace(cfg.eval, budgets=None)), mode)
+            rows += score_rows(result, mode)
+            runs.append({"name": name, "mode": mode, "m": m, "n": n, "final_loss": last.get("loss"),
+                         **{k: v for k, v in result["budgets"][0].items() if k not in ("m", "n")}})
+    fits, reasons = fit_series(rows, cfg.sweep.metric, cfg.sweep.bootstrap)
+    summary = {"metric": cfg.sweep.metric, "runs": runs, "fits": {k: f.to_dict() for k, f in fits.items()},
+               "unfitted": reasons}
+    if PartialState().is_main_process:
+        write_scores_csv(rows, out_dir / "scores.csv")
+        save_fits(fits, out_dir / "fits.json")
+        (out_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
+        plotted = {s: ([r["tokens"] for r in rows if r["series"] == s], [r[cfg.sweep.metric] for r in rows
+                                                                         if r["series"] == s], fit)
+                   for s, fit in fits.items()}
+        if plotted:
+            plot_scaling(plotted, out_dir / "scaling.png", ylabel=f"{cfg.sweep.metric} (%)")
+        for series, reason in reasons.items():
+            print(f"sweep: no power law fitted for {series!r}: {reason}")
+    return summary
+
+
 def main(argv=None) -> None:
     cfg = load_config(argv)
-    if cfg.stage != "sweep":
+    if cfg.stage == "eval":
+        evaluate(cfg)
+    elif cfg.stage == "sweep":
+        run_sweep(cfg)
+    else:
         train(cfg)
-        return
-    base = FusionConfig.from_pretrained(cfg.plugin) if cfg.plugin else FusionConfig(**cfg.fusion)
-    settings = [(m, n, True) for m, n in cfg.sweep] + ([(cfg.fusion.get("m", base.m), cfg.fusion.get("n", base.n), False)]
-                                                      if cfg.sweep_no_question else [])
-    for m, n, use_question in settings:
-        name = f"m{m}-n{n}" + ("" if use_question else "-no-question")
-        fusion = {**cfg.fusion, "m": m, "n": n, "use_question": use_question}
-        train(replace(cfg, fusion=fusion, output_dir=os.path.join(cfg.output_dir, name)))
 
 
 if __name__ == "__main__":

@@ -63,3 +63,44 @@ def test_bad_arguments_raise(bert):
         AnswerEncoder(torch.nn.Linear(2, 2), 8)
     with pytest.raises(ValueError, match="attention_mask"):
         AnswerEncoder(bert, 8)(IDS, MASK[:, :3])
+
+
+def test_input_embeddings_encoder_is_the_masked_mean_of_the_table_rows_projected():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(60, 16)
+    enc = AnswerEncoder.from_input_embeddings(table, contrastive_dim=8)
+    rows = table.weight.detach()
+    manual = torch.stack([rows[[2, 5, 7]].mean(0), rows[[3, 9, 9, 4, 1]].mean(0)])
+    want = torch.nn.functional.normalize(manual @ enc.projection.weight.T, dim=-1)
+    torch.testing.assert_close(enc(IDS, MASK), want)
+
+
+def test_input_embeddings_encoder_references_the_host_table_and_never_trains_it():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(60, 16)  # requires_grad stays on: the encoder must still not train it
+    enc = AnswerEncoder.from_input_embeddings(table, contrastive_dim=8)
+    assert list(enc.state_dict()) == ["projection.weight"]  # the host saves its table, not the encoder
+    enc(IDS, MASK).sum().backward()
+    assert enc.projection.weight.grad is not None and table.weight.grad is None
+    before = enc(IDS, MASK).detach()
+    with torch.no_grad():
+        table.weight.mul_(2.0).add_(1.0)  # a reference, not a copy: the encoder sees the host's table
+    assert not torch.allclose(enc(IDS, MASK), before)
+
+
+def test_input_embeddings_encoder_pools_a_bfloat16_table_in_the_projection_dtype():
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(60, 16)
+    enc = AnswerEncoder.from_input_embeddings(table, contrastive_dim=8)
+    want = enc(IDS, MASK)
+    table.to(torch.bfloat16)
+    got = enc(IDS, MASK)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # bf16 rounding of the table rows
+
+
+def test_input_embeddings_needs_an_embedding_table():
+    from qfusion.answer_encoder import InputEmbeddings
+
+    with pytest.raises(TypeError, match="embeddings: expected an nn.Embedding"):
+        InputEmbeddings(torch.nn.Linear(2, 2))
