@@ -80,6 +80,16 @@ class QFusionLlavaProcessingInfo(BaseProcessingInfo):
         m, _ = check_budget(requested, plugin.config.codebook_size, name=f"mm_processor_kwargs[{BUDGET_KWARG!r}]")
         return m
 
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
+        """The encoder budget: a request may ask for up to codebook_size fused tokens per image."""
+        plugin = self.plugin
+        return {"image": self.host_tokens if plugin is None else plugin.config.codebook_size}
+
+    def largest_budget(self) -> list[int] | None:
+        """The ``qfusion_budget`` with the most fused tokens (profiling inputs use it), or None without plugin."""
+        config = None if self.plugin is None else self.plugin.config
+        return None if config is None else [config.codebook_size, min(config.n, config.codebook_size)]
+
     @cached_property
     def question_tokenizer(self):
         spec = self.plugin
@@ -133,6 +143,13 @@ class QFusionLlavaDummyInputsBuilder(BaseDummyInputsBuilder[QFusionLlavaProcessi
 
 class QFusionLlavaMultiModalProcessor(BaseMultiModalProcessor[QFusionLlavaProcessingInfo]):
     """Images -> pixel values plus each image's question ids; ``<image>`` -> m placeholders."""
+
+    def get_dummy_inputs(self, seq_len, mm_counts, mm_options):
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        budget = self.info.largest_budget()
+        if budget is None:
+            return inputs
+        return replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, BUDGET_KWARG: budget})
 
     def _image_token_id(self) -> int:
         return int(self.info.get_hf_config().image_token_id)

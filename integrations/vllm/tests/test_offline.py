@@ -37,7 +37,8 @@ def requests(images: list[str]) -> dict[str, list[Request]]:
         "second_question": [ask("second_question", 1, "is this a big picture ?")],
         "follow_up": [follow_up],
         "budget": [ask("budget3", 3, "what is this ?", mm_processor_kwargs={"qfusion_budget": [3, 2]}),
-                   ask("budget_default", 3, "what is this ?")],
+                   ask("budget_default", 3, "what is this ?"),
+                   ask("budget12", 3, "what is this ?", mm_processor_kwargs={"qfusion_budget": [12, 2]})],
         "again": [ask("single_again", 0, "what is this ?")],
     }
 
@@ -90,6 +91,7 @@ def test_follow_up_turn_sees_the_image_fused_with_its_own_turn(artifacts, served
 
 def test_per_request_budget_equals_the_host_call_with_that_budget(artifacts, served):
     check(artifacts, served, "budget3", budget=(3, 2))
+    check(artifacts, served, "budget12", budget=(12, 2))  # above the plugin's m: the encoder budget allows it
     check(artifacts, served, "budget_default")
     assert served[1]["budget_default"]["prompt_tokens"] - served[1]["budget3"]["prompt_tokens"] == tiny.M - 3
 
