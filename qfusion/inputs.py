@@ -98,6 +98,40 @@ def placeholder_runs(ids: Tensor, token_id) -> list[int]:
     return runs
 
 
+def visual_blocks(ids: Tensor, token_ids, num_questions: int, budget: tuple[int, int], prefix: int = 0,
+                  image_counts: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+    """Per placeholder block of one sample in prompt order: (its visual input, the placeholder id it is
+    made of, its length) — for hosts with several kinds of placeholder (image and video).
+
+    ids: (L,) the sample's input ids, whose placeholders already fit (:func:`check_placeholders`).
+    """
+    counts = [1] + [0] * (num_questions - 1) if image_counts is None else list(image_counts)
+    targets = torch.as_tensor(list(token_ids), device=ids.device)
+    found = ids[torch.isin(ids, targets)].tolist()
+    blocks, start = [], 0
+    for visuals, lengths in zip(question_images(counts), placeholder_blocks(num_questions, budget, prefix, counts)):
+        for visual, length in zip(visuals, lengths):
+            kinds = set(found[start: start + length])
+            if len(kinds) != 1:
+                raise ValueError(
+                    f"input_ids: the {length} placeholders of visual input {visual} mix the ids {sorted(kinds)}; "
+                    "each image or video has placeholders of its own kind"
+                )
+            blocks.append((visual, kinds.pop(), length))
+            start += length
+    return blocks
+
+
+def visual_kinds(blocks: list[tuple[int, int, int]]) -> list[int]:
+    """Per visual input of a sample, its placeholder id, from :func:`visual_blocks`; an input whose
+    blocks disagree is an error."""
+    kinds: dict[int, int] = {}
+    for visual, token, _ in blocks:
+        if kinds.setdefault(visual, token) != token:
+            raise ValueError(f"input_ids: visual input {visual} has placeholders of two kinds ({kinds[visual]}, {token})")
+    return [kinds[v] for v in range(len(kinds))]
+
+
 def check_placeholders(input_ids: Tensor, token_id: int, num_questions: Sequence[int], budget: tuple[int, int],
                        prefix: int = 0, name: str = "input_ids", image_counts=None) -> None:
     """Raise unless every sample's placeholders form exactly the runs its questions (and images) need.

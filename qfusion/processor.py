@@ -423,6 +423,8 @@ class QFusionProcessor:
             data["mm_token_type_ids"] = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
         data.update(self._images(self._per_sample(images, [k.count("image") for k in kinds], "images", "image")))
         data.update(self._videos(self._per_sample(videos, [k.count("video") for k in kinds], "videos", "video")))
+        if "batch_num_images" in data:  # LLaVA-OneVision tiles an image only when it is its sample's only one
+            data["batch_num_images"] = torch.tensor([k.count("image") for k in kinds])
         data["qfusion_input_ids"], data["qfusion_attention_mask"] = self._question_ids(batch_questions)
         data["qfusion_budget"] = self.budget
         data["qfusion_image_counts"] = encode_image_counts(image_counts, data["qfusion_input_ids"].shape[1])

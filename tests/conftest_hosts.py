@@ -16,6 +16,7 @@ from qfusion import FusionConfig
 
 IMAGE_TOKEN_ID = 4
 VOCAB = 256
+VIDEO_TOKEN_ID = VOCAB - 1
 WORDS = ("[PAD] [UNK] <s> </s> <image> USER ASSISTANT : ? . , what is this a cat dog color red blue green how "
          "many are there the and of in on it image picture left right big small one two three yes no").split()
 FILLER = [f"w{i}" for i in range(VOCAB - len(WORDS))]
@@ -31,8 +32,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def tokenizer(image_token_attribute: bool = True):
-    """A word-level fast tokenizer over a 256-word vocabulary with <s>, </s>, [PAD] and <image>.
+def tokenizer(image_token_attribute: bool = True, video: bool = False):
+    """A word-level fast tokenizer over a 256-word vocabulary with <s>, </s>, [PAD] and <image>
+    (with ``video``, also <video> at :data:`VIDEO_TOKEN_ID`, in place of the last filler word).
 
     Without ``image_token_attribute`` the <image> token is left for the host processor to register
     (as Blip2Processor and InstructBlipProcessor do with the hub tokenizers).
@@ -40,10 +42,11 @@ def tokenizer(image_token_attribute: bool = True):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate(WORDS + FILLER)}
+    vocab = {word: i for i, word in enumerate(WORDS + FILLER[:-1] + (["<video>"] if video else FILLER[-1:]))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    extra = {"extra_special_tokens": {"image_token": "<image>"}} if image_token_attribute else {}
+    extra = {"extra_special_tokens": {"image_token": "<image>", **({"video_token": "<video>"} if video else {})}}
+    extra = extra if image_token_attribute else {}
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="[PAD]",
                                   unk_token="[UNK]", **extra)
     tok.chat_template = CHAT_TEMPLATE
@@ -191,7 +194,9 @@ class Hosts:
         from transformers import AutoProcessor
 
         if kind in QWEN_KINDS:
-            return QwenProcessor.from_pretrained(self.directory(kind))
+            return VideoHostProcessor.qwen(self.directory(kind))
+        if kind == "llava_onevision":
+            return VideoHostProcessor.onevision(self.directory(kind))
         return AutoProcessor.from_pretrained(self.directory(kind))
 
 
@@ -309,23 +314,45 @@ class FramesVideoProcessor:
         return {"pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids)}
 
 
-class QwenProcessor:
-    """Stands in for ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` (which cannot be built without
-    torchvision, for their video processor): the host's tokenizer, image processor and chat template,
-    a :class:`FramesVideoProcessor`, and the image / video tokens, as the host processor has them."""
+class VideoHostProcessor:
+    """Stands in for the processors of hosts with video (``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``,
+    ``LlavaOnevisionProcessor``), which cannot be built without torchvision (for their video
+    processors): the host's tokenizer, image processor and chat template, a stand-in video processor,
+    and the image / video tokens, as the host processor has them."""
 
-    image_token, video_token = "<|image_pad|>", "<|video_pad|>"
-
-    def __init__(self, tokenizer, image_processor):
-        self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.video_processor = FramesVideoProcessor(image_processor)
+    def __init__(self, tokenizer, image_processor, video_processor, image_token, video_token):
+        self.tokenizer, self.image_processor, self.video_processor = tokenizer, image_processor, video_processor
+        self.image_token, self.video_token = image_token, video_token
         self.chat_template = tokenizer.chat_template
 
     @classmethod
-    def from_pretrained(cls, directory):
+    def qwen(cls, directory):
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(directory), AutoImageProcessor.from_pretrained(directory))
+        images = AutoImageProcessor.from_pretrained(directory)
+        return cls(AutoTokenizer.from_pretrained(directory), images, FramesVideoProcessor(images),
+                   "<|image_pad|>", "<|video_pad|>")
+
+    @classmethod
+    def onevision(cls, directory):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessorPil
+
+        images = AutoImageProcessor.from_pretrained(directory)
+        frames = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                       image_mean=images.image_mean, image_std=images.image_std)
+        return cls(AutoTokenizer.from_pretrained(directory), images, StackedFramesProcessor(frames), "<image>", "<video>")
+
+
+class StackedFramesProcessor:
+    """Stands in for LLaVA-OneVision's video processor: every frame resized to the tower's size,
+    ``pixel_values_videos`` (videos, frames, C, H, W)."""
+
+    def __init__(self, frames_processor):
+        self.frames_processor = frames_processor
+
+    def __call__(self, videos, return_tensors="pt", **kwargs):
+        clips = [self.frames_processor(list(video), return_tensors="pt")["pixel_values"] for video in videos]
+        return {"pixel_values_videos": torch.stack(clips)}
 
 
 def _qwen_processor(directory):
@@ -371,7 +398,22 @@ def build_qwen3_vl(directory):
     _qwen_processor(directory)
 
 
-BUILDERS.update({"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl})
+def build_llava_onevision(directory):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
+
+    pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
+    config = LlavaOnevisionConfig(vision_config=clip_vision(28), text_config=llama(), image_token_index=IMAGE_TOKEN_ID,
+                                  video_token_index=VIDEO_TOKEN_ID, image_grid_pinpoints=pinpoints,
+                                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(directory)
+    LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28}, crop_size={"height": 28, "width": 28},
+                                    image_grid_pinpoints=pinpoints).save_pretrained(directory)
+    tokenizer(video=True).save_pretrained(directory)
+
+
+BUILDERS.update({"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl,
+                 "llava_onevision": build_llava_onevision})
 QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 

@@ -33,7 +33,8 @@ def test_readme_adapter_sections_run_as_written(hosts, title, tmp_path, monkeypa
 
 
 def test_every_supported_model_type_has_an_adapter():
-    assert set(ADAPTERS) == {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "blip-2", "instructblip"}
+    assert set(ADAPTERS) == {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "blip-2",
+                             "instructblip"}
 
 
 def test_fusion_cache_asks_only_new_questions_and_equals_the_packed_forward():
@@ -161,7 +162,7 @@ def test_active_module_follows_peft_modules_to_save(hosts):
 
 
 def test_processor_and_adapter_agree_for_every_host(hosts):
-    for kind in ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "blip-2", "instructblip"):
+    for kind in ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "blip-2", "instructblip"):
         model = hosts.model(kind)
         adapter = qfusion.attach(model, fusion_config(m=3, n=1))
         processor = QFusionProcessor(hosts.processor(kind), model)
@@ -171,7 +172,7 @@ def test_processor_and_adapter_agree_for_every_host(hosts):
             assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
 
 
-FAMILIES = [("llava", None), ("llava_next", None), ("qwen2_vl", None), ("qwen2_5_vl", None), ("qwen3_vl", None), ("blip-2", "replace"),
+FAMILIES = [("llava", None), ("llava_next", None), ("llava_onevision", None), ("qwen2_vl", None), ("qwen2_5_vl", None), ("qwen3_vl", None), ("blip-2", "replace"),
             ("instructblip", "augment")]
 PROMPTS = [["what is this ?", "how many"], ["red"], ["what color is it ?", "left", "big"]]
 

@@ -1,12 +1,19 @@
-"""LLaVA / LLaVA-NeXT hosts: N fused tokens stand where the host's vision tokens stood.
+"""LLaVA / LLaVA-NeXT / LLaVA-OneVision hosts: N fused tokens stand where the host's vision tokens stood.
 
 Data flow of a patched call (transformers 5 ``LlavaForConditionalGeneration`` /
-``LlavaNextForConditionalGeneration``; ``model.model`` holds ``vision_tower``,
-``multi_modal_projector``, ``language_model``):
+``LlavaNextForConditionalGeneration`` / ``LlavaOnevisionForConditionalGeneration``; ``model.model``
+holds ``vision_tower``, ``multi_modal_projector``, ``language_model``):
 
     pixel_values ─ host vision features ─> (V, d) per image ─ QuestionFusion(questions) ─>
     m + (G−1)·n fused tokens per image ─ mm_encoder_outputs ─> the host's own forward, which
     fills the ``<image>`` placeholders with them (``masked_scatter``)
+
+LLaVA-OneVision also takes videos (``pixel_values_videos``, (videos, frames, C, H, W)): a video's
+vision tokens are the host's own ``get_video_features`` output — every frame after the projector and
+the host's 2×2 pooling, plus its trailing ``image_newline`` — and its fused tokens fill the
+``<video>`` placeholders. Images and videos may be mixed in one prompt; images are read with the
+host's any-resolution packing (``batch_num_images`` says which samples bring several images: the
+host does not tile those).
 
 The host features are its own: ``vision_feature_layer`` and ``vision_feature_select_strategy``
 select the tower's hidden states exactly as the host does; ``vision_source="projector"`` (default)
@@ -25,13 +32,14 @@ from torch import Tensor
 
 from qfusion.adapters.base import HostAdapter
 from qfusion.adapters.patching import QFusionArguments
+from qfusion.inputs import visual_blocks, visual_kinds
 
 
 class LlavaAdapter(HostAdapter):
-    """Adapter for ``llava`` and ``llava_next`` hosts (see the module docstring)."""
+    """Adapter for ``llava``, ``llava_next`` and ``llava_onevision`` hosts (see the module docstring)."""
 
     family = "llava"
-    model_types = ("llava", "llava_next")
+    model_types = ("llava", "llava_next", "llava_onevision")
     modes = ("replace",)
     vision_sources = ("projector", "tower")
     supports_hd = True
@@ -46,6 +54,11 @@ class LlavaAdapter(HostAdapter):
                     f"model: expected a transformers 5 {self.settings.model_type} model with model.model.{part}, "
                     f"got {type(self.model).__name__}"
                 )
+        if self.is_onevision and self.settings.vision_source == "tower":
+            raise ValueError(
+                "vision_source: 'tower' is not offered for llava_onevision hosts (their images are packed and "
+                "their video frames pooled after the projector); use 'projector'"
+            )
         if self.settings.hd_grid is not None and self.settings.model_type != "llava":
             raise ValueError(
                 f"hd: the HD front-end is for plain LLaVA hosts; {self.settings.model_type!r} brings its own "
@@ -56,7 +69,18 @@ class LlavaAdapter(HostAdapter):
 
     @property
     def is_next(self) -> bool:
-        return self.settings.model_type == "llava_next"
+        """Any-resolution images packed with ``image_newline`` (LLaVA-NeXT, LLaVA-OneVision)."""
+        return self.settings.model_type in ("llava_next", "llava_onevision")
+
+    @property
+    def is_onevision(self) -> bool:
+        return self.settings.model_type == "llava_onevision"
+
+    @property
+    def placeholder_ids(self) -> tuple[int, ...]:
+        if self.is_onevision:
+            return self.image_token_id, int(self.model.config.video_token_id)
+        return (self.image_token_id,)
 
     @property
     def tower_dim(self) -> int:
@@ -103,7 +127,8 @@ class LlavaAdapter(HostAdapter):
             pixel_values = torch.cat([pv[:count] for pv, count in zip(pixel_values, counts)])
         return pixel_values, counts
 
-    def encode(self, pixel_values: Tensor, image_sizes=None, layer=None, strategy=None) -> list[Tensor]:
+    def encode(self, pixel_values: Tensor, image_sizes=None, layer=None, strategy=None,
+               batch_num_images=None) -> list[Tensor]:
         """The host's vision features per image, (V_b, vision_dim), as the fusion reads them."""
         config = self.model.config
         layer = config.vision_feature_layer if layer is None else layer
@@ -112,6 +137,8 @@ class LlavaAdapter(HostAdapter):
             return self._encode_hd(pixel_values, layer, strategy)
         if self.settings.vision_source == "projector":
             kwargs = {"image_sizes": image_sizes} if self.is_next else {}
+            if self.is_onevision:
+                kwargs["batch_num_images"] = batch_num_images
             features = self.model.model.get_image_features(
                 pixel_values=pixel_values, vision_feature_layer=layer, vision_feature_select_strategy=strategy,
                 return_dict=True, **kwargs,
@@ -122,6 +149,16 @@ class LlavaAdapter(HostAdapter):
         else:
             pixels, counts = pixel_values, [1] * pixel_values.shape[0]
         return [f.flatten(0, 1) for f in self._tower(pixels, layer, strategy).split(counts)]
+
+    def encode_videos(self, pixel_values_videos: Tensor, layer=None, strategy=None) -> list[Tensor]:
+        """LLaVA-OneVision: per video, (frames · pooled tokens + 1, vision_dim), the host's own video features."""
+        config = self.model.config
+        layer = config.vision_feature_layer if layer is None else layer
+        strategy = config.vision_feature_select_strategy if strategy is None else strategy
+        features = self.model.model.get_video_features(
+            pixel_values_videos, vision_feature_layer=layer, vision_feature_select_strategy=strategy, return_dict=True,
+        ).pooler_output
+        return list(features)
 
     def _encode_hd(self, pixel_values: Tensor, layer, strategy: str) -> list[Tensor]:
         hd = self.hd
@@ -143,8 +180,8 @@ class LlavaAdapter(HostAdapter):
     def encoder_outputs(self, args: dict, qfusion: QFusionArguments):
         """``mm_encoder_outputs`` holding the fused tokens of this call, or None when it has no image
         and no question (text-only calls, decoding steps, the caller's own precomputed embeddings)."""
-        pixel_values = args.get("pixel_values")
-        if pixel_values is None and not qfusion.given:
+        pixel_values, videos = args.get("pixel_values"), args.get("pixel_values_videos")
+        if pixel_values is None and videos is None and not qfusion.given:
             return None
         if args.get("mm_encoder_outputs") is not None:
             raise ValueError(
@@ -153,31 +190,50 @@ class LlavaAdapter(HostAdapter):
             )
         if args.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds: not supported with qfusion inputs; pass input_ids")
-        if pixel_values is None and (qfusion.cache is None or qfusion.cache.is_empty):
+        if pixel_values is None and videos is None and (qfusion.cache is None or qfusion.cache.is_empty):
             raise ValueError(
                 "pixel_values: required with qfusion_input_ids (unless a filled qfusion_cache holds the images)"
             )
         input_ids = args.get("input_ids", args.get("inputs"))
         budget = self.call_budget(qfusion)
         questions, image_counts = self.questions(qfusion, input_ids, budget)
+        blocks = [visual_blocks(input_ids[b], self.placeholder_ids, len(sample), budget, 0,
+                                None if image_counts is None else image_counts[b])
+                  for b, sample in enumerate(questions)]
+        kinds = [token for sample in blocks for token in visual_kinds(sample)]
+        layer, strategy = args.get("vision_feature_layer"), args.get("vision_feature_select_strategy")
 
         def encode():
-            return self.encode(pixel_values, args.get("image_sizes"), args.get("vision_feature_layer"),
-                               args.get("vision_feature_select_strategy")), None
+            images = [] if pixel_values is None else self.encode(pixel_values, args.get("image_sizes"), layer, strategy,
+                                                                 args.get("batch_num_images"))
+            clips = [] if videos is None else self.encode_videos(videos, layer, strategy)
+            return _in_prompt_order(kinds, self.image_token_id, images, clips), None
 
-        tokens, _ = self.fused_tokens(encode, pixel_values, questions, qfusion.cache, budget, image_counts=image_counts,
-                                      num_images=None if pixel_values is None else pixel_values.shape[0])
+        key = pixel_values if videos is None else videos if pixel_values is None else \
+            torch.cat([pixel_values.flatten(), videos.flatten()])
+        count = (0 if pixel_values is None else pixel_values.shape[0]) + (0 if videos is None else videos.shape[0])
+        tokens, _ = self.fused_tokens(encode, key, questions, qfusion.cache, budget, image_counts=image_counts,
+                                      num_images=None if key is None else count)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         embed = self.model.get_input_embeddings().weight
-        per_sample = [torch.cat(groups).to(device=embed.device, dtype=embed.dtype) for groups in tokens]
-        return {"image": BaseModelOutputWithPooling(pooler_output=per_sample)}
+        per_kind: dict[int, list[Tensor]] = {token: [] for token in self.placeholder_ids}
+        for sample_blocks, groups in zip(blocks, tokens):
+            rows = torch.cat(groups).to(device=embed.device, dtype=embed.dtype)
+            for (_, token, _), piece in zip(sample_blocks, rows.split([length for _, _, length in sample_blocks])):
+                per_kind[token].append(piece)
+        outputs = {}
+        if per_kind[self.image_token_id]:
+            outputs["image"] = BaseModelOutputWithPooling(pooler_output=per_kind[self.image_token_id])
+        if self.is_onevision and per_kind[self.placeholder_ids[1]]:  # the host flattens (videos, tokens)
+            outputs["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(per_kind[self.placeholder_ids[1]])[None])
+        return outputs
 
     def _with_fused_tokens(self, args: dict, qfusion: QFusionArguments) -> dict:
         mm_encoder_outputs = self.encoder_outputs(args, qfusion)
         if mm_encoder_outputs is None:
             return args
-        args = {k: v for k, v in args.items() if k != "pixel_values"}
+        args = {k: v for k, v in args.items() if k not in ("pixel_values", "pixel_values_videos")}
         args["mm_encoder_outputs"] = mm_encoder_outputs
         return args
 
@@ -191,3 +247,13 @@ class LlavaAdapter(HostAdapter):
         with torch.no_grad():
             args = self._with_fused_tokens(args, qfusion)
         return self.host_method("generate")(**args)
+
+
+def _in_prompt_order(kinds: list[int], image_token_id: int, images: list[Tensor], videos: list[Tensor]) -> list[Tensor]:
+    """The features of every visual input in prompt order, from the images' and the videos' in theirs."""
+    for name, given, wanted in (("pixel_values", len(images), sum(k == image_token_id for k in kinds)),
+                                ("pixel_values_videos", len(videos), sum(k != image_token_id for k in kinds))):
+        if given != wanted:
+            raise ValueError(f"{name}: the prompts have {wanted} placeholder block(s) of its kind, the inputs hold {given}")
+    images, videos = iter(images), iter(videos)
+    return [next(images) if kind == image_token_id else next(videos) for kind in kinds]

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from qfusion.adapters.base import HostAdapter
 from qfusion.adapters.patching import QFusionArguments
-from qfusion.inputs import placeholder_blocks, question_images
+from qfusion.inputs import placeholder_runs, visual_blocks, visual_kinds
 
 IMAGE, VIDEO = "image", "video"
 
@@ -118,54 +118,28 @@ class QwenVLAdapter(HostAdapter):
 
     # ------------------------------------------------------------------ placeholder runs
 
-    def runs(self, input_ids: Tensor, questions, image_counts, budget) -> list[list[tuple[str, int]]]:
-        """Per sample, its placeholder runs in prompt order as (kind, length); one run per visual
-        input per question (each wrapped in ``<|vision_start|>`` … ``<|vision_end|>``)."""
+    def runs(self, input_ids: Tensor, questions, image_counts, budget) -> list[list[tuple[int, int, int]]]:
+        """Per sample, its placeholder runs in prompt order as (visual input, placeholder id, length): one
+        run per visual input per question, each between ``<|vision_start|>`` and ``<|vision_end|>``
+        (the host's M-RoPE takes every run of placeholders as one grid)."""
         out = []
         for b, sample in enumerate(questions):
-            ids = input_ids[b].tolist()
-            runs, previous = [], None
-            for token in ids:
-                kind = IMAGE if token == self.image_token_id else VIDEO if token == self.video_token_id else None
-                if kind is not None and kind == previous:
-                    runs[-1][1] += 1
-                elif kind is not None:
-                    runs.append([kind, 1])
-                previous = kind
             counts = None if image_counts is None else image_counts[b]
-            blocks = [k for block in placeholder_blocks(len(sample), budget, 0, counts) for k in block]
-            if [length for _, length in runs] != blocks:
+            blocks = visual_blocks(input_ids[b], self.placeholder_ids, len(sample), budget, 0, counts)
+            found = placeholder_runs(input_ids[b], self.placeholder_ids)
+            if found != [length for _, _, length in blocks]:
                 raise ValueError(
-                    f"input_ids: sample {b} has placeholder runs {[length for _, length in runs]}, expected one "
-                    f"run per image/video per question, {blocks}, each between <|vision_start|> and "
+                    f"input_ids: sample {b} has placeholder runs {found}, expected one run per image/video per "
+                    f"question, {[length for _, _, length in blocks]}, each between <|vision_start|> and "
                     "<|vision_end|>; build the inputs with qfusion.QFusionProcessor"
                 )
-            out.append([tuple(run) for run in runs])
+            out.append(blocks)
         return out
 
-    @staticmethod
-    def visual_kinds(runs: list[list[tuple[str, int]]], questions, image_counts) -> list[str]:
-        """Per visual input of the batch in prompt order, its kind (read off its first run)."""
-        kinds = []
-        for b, sample in enumerate(questions):
-            counts = [1] + [0] * (len(sample) - 1) if image_counts is None else image_counts[b]
-            about = question_images(counts)
-            run = iter(runs[b])
-            seen: dict[int, str] = {}
-            for images in about:
-                for image in images:
-                    kind, _ = next(run)
-                    if seen.setdefault(image, kind) != kind:
-                        raise ValueError(
-                            f"input_ids: sample {b} has both image and video placeholders for visual input {image}"
-                        )
-            kinds += [seen[i] for i in range(len(seen))]
-        return kinds
-
-    def virtual_grids(self, runs: list[list[tuple[str, int]]], kind: str, device) -> Tensor | None:
+    def virtual_grids(self, runs: list[list[tuple[int, int, int]]], kind: int, device) -> Tensor | None:
         """(runs of ``kind``, 3) grids of 1 × k merged patches, one per placeholder run (the M-RoPE rule)."""
         s = self.merge_size
-        grids = [[1, s, s * length] for sample in runs for run_kind, length in sample if run_kind == kind]
+        grids = [[1, s, s * length] for sample in runs for _, token, length in sample if token == kind]
         return torch.tensor(grids, dtype=torch.long, device=device) if grids else None
 
     def token_types(self, input_ids: Tensor) -> Tensor:
@@ -198,7 +172,7 @@ class QwenVLAdapter(HostAdapter):
         budget = self.call_budget(qfusion)
         questions, image_counts = self.questions(qfusion, input_ids, budget)
         runs = self.runs(input_ids, questions, image_counts, budget)
-        kinds = self.visual_kinds(runs, questions, image_counts)
+        kinds = [IMAGE if token == self.image_token_id else VIDEO for sample in runs for token in visual_kinds(sample)]
         image_grid, video_grid = args.get("image_grid_thw"), args.get("video_grid_thw")
         if pixel_values is not None and image_grid is None or videos is not None and video_grid is None:
             raise ValueError("image_grid_thw / video_grid_thw: required with pixel_values / pixel_values_videos "
@@ -220,16 +194,16 @@ class QwenVLAdapter(HostAdapter):
         per_kind = {IMAGE: [], VIDEO: []}
         for sample_runs, sample_tokens in zip(runs, tokens):
             rows = torch.cat(sample_tokens).to(device=embed.device, dtype=embed.dtype)
-            for (kind, _), piece in zip(sample_runs, rows.split([length for _, length in sample_runs])):
-                per_kind[kind].append(piece)
+            for (_, token, _), piece in zip(sample_runs, rows.split([length for _, _, length in sample_runs])):
+                per_kind[IMAGE if token == self.image_token_id else VIDEO].append(piece)
         outputs = {kind: BaseModelOutputWithPooling(pooler_output=pieces) for kind, pieces in per_kind.items() if pieces}
         if self.has_deepstack:
             for output in outputs.values():
                 output["deepstack_features"] = []  # the deepstack rule: off for fused tokens
         args = {k: v for k, v in args.items() if k not in ("pixel_values", "pixel_values_videos", "second_per_grid_ts")}
         args["mm_encoder_outputs"] = outputs
-        args["image_grid_thw"] = self.virtual_grids(runs, IMAGE, input_ids.device)
-        args["video_grid_thw"] = self.virtual_grids(runs, VIDEO, input_ids.device)
+        args["image_grid_thw"] = self.virtual_grids(runs, self.image_token_id, input_ids.device)
+        args["video_grid_thw"] = self.virtual_grids(runs, self.video_token_id, input_ids.device)
         args["mm_token_type_ids"] = self.token_types(input_ids)
         return args
 
