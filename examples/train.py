@@ -245,7 +245,9 @@ def _check_value(name: str, value, hint) -> None:
         if kind in (bool, str, list, dict) and isinstance(value, kind):
             return
     expected = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in options)
-    raise TypeError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")
+    hint = (" (YAML reads 1e-3 as text: write 1.0e-3)" if float in options and isinstance(value, str)
+            and NUMBER.fullmatch(value.strip()) else "")
+    raise TypeError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__}){hint}")
 
 
 def _sections() -> dict[str, str]:

@@ -237,6 +237,9 @@ def test_nested_overrides_merge_into_their_section(workspace, tmp_path):
         recipe.load_config(base + ["--set", "fusion.layers=2"])
     with pytest.raises(TypeError, match=r"optim.batch_size: expected int, got 'four'"):
         recipe.load_config(base + ["--set", "optim.batch_size=four"])
+    overlay.write_text("optim: {lr: 1e-3}\n")
+    with pytest.raises(TypeError, match=r"optim.lr: expected float, got '1e-3' \(str\) \(YAML reads 1e-3 as text"):
+        recipe.load_config(base + ["--config", str(overlay)])
     with pytest.raises(TypeError, match=r"optim: expected a mapping"):
         recipe.load_config(base + ["--set", "optim=3"])
     with pytest.raises(ValueError, match=r"--set: expected KEY=VALUE"):
@@ -368,15 +371,23 @@ def test_small_plugin_settings_train_a_fresh_plugin_where_the_7b_learning_rate_d
     assert small_eval["all"]["vqa_match"] >= 75 and slow_eval["all"]["vqa_match"] <= 50
 
 
-def test_two_process_accelerate_launch(workspace):
+def test_two_process_accelerate_launch_trains_and_evaluates_like_one_process(workspace):
     out = workspace / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
+    result = subprocess.run(  # a one-run sweep: DDP generation training, then the evaluation split over processes
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         str(ROOT / "examples" / "train.py"), "--config", str(workspace / "config.yaml"), "--stage", "generate",
-         "--output-dir", str(out), "--set", "optim.max_steps=2", "--set", "optim.batch_size=3"],
+         str(ROOT / "examples" / "train.py"), "--config", str(workspace / "config.yaml"), "--stage", "sweep",
+         "--output-dir", str(out), "--set", "optim.max_steps=2", "--set", "optim.batch_size=3",
+         "--set", "sweep.budgets=[4]", "--set", "sweep.modes=[question]", "--set", "sweep.fraction=1.0"],
         capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["step"] for r in metrics(out)] == [1, 2]
-    assert (out / "model.safetensors").exists()
+    assert [r["step"] for r in metrics(out / "m4-n2")] == [1, 2]
+    assert (out / "m4-n2" / "model.safetensors").exists()
+    shared = json.loads((out / "m4-n2" / "eval.json").read_text())
+    run(workspace, "--stage", "eval", "--plugin", str(out / "m4-n2"), "--output-dir", str(workspace / "ddp-eval"))
+    alone = json.loads((workspace / "ddp-eval" / "eval.json").read_text())
+    assert len(shared["predictions"]["m4-n2"]) == 16
+    assert shared["predictions"] == alone["predictions"] and shared["budgets"] == alone["budgets"]
+    unfitted = json.loads((out / "sweep.json").read_text())["unfitted"]
+    assert unfitted["question"].startswith("num_tokens: expected at least 3")  # one budget: no law to fit
