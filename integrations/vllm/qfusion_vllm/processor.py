@@ -45,6 +45,7 @@ class QFusionLlavaProcessingInfo(BaseProcessingInfo):
         return self.ctx.get_hf_config(LlavaConfig)
 
     def get_hf_processor(self, **kwargs: object) -> LlavaProcessor:
+        # only its image processor, tokenizer and chat template are used; request kwargs are ours, not its
         return self.ctx.get_hf_processor(LlavaProcessor)
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
