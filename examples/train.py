@@ -68,6 +68,7 @@ from transformers import (AutoModel, AutoModelForImageTextToText, AutoProcessor,
 import qfusion
 from qfusion import FusionConfig, QFusionProcessor
 from qfusion.adapters import get_adapter
+from qfusion.adapters.lora import unwrap_model as peft_base
 from qfusion.answer_encoder import AnswerEncoder
 from qfusion.config import RUNTIME_FIELDS
 from qfusion.inputs import check_budget, decode_questions
@@ -169,7 +170,8 @@ class TrainConfig:
     save_every: int = 500
     resume: bool = False
     train_vision_tower: bool = False
-    lora: bool = False
+    lora: bool = field(default=False, metadata={
+        "help": "LoRA on the LLM (not in align); saved in the plugin's lora/ folder and loaded with it"})
     lora_r: int = 8
     num_workers: int = 0
 
@@ -436,8 +438,14 @@ class Collator:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def load_host(cfg: TrainConfig, fusion_changes: dict | None = None):
-    """(host with the plugin attached, its adapter, the host processor) for cfg's plugin or a new one."""
+LORA_DIR = "lora"
+"""Folder inside a plugin directory for the LLM's LoRA weights of a run with ``lora: true`` (peft's format)."""
+
+
+def load_host(cfg: TrainConfig):
+    """(host with the plugin attached, its adapter, the host processor) for cfg's plugin or a new one.
+
+    A plugin trained with LoRA on the LLM comes with its LoRA (a peft model; trainable again except in eval)."""
     model = AutoModelForImageTextToText.from_pretrained(cfg.model)
     host_processor = AutoProcessor.from_pretrained(cfg.model)
     if cfg.plugin:
@@ -449,6 +457,10 @@ def load_host(cfg: TrainConfig, fusion_changes: dict | None = None):
         runtime = {k: v for k, v in cfg.fusion.items() if k in RUNTIME_FIELDS}
         adapter = qfusion.attach(model, new_fusion_config(cfg.fusion), train_vision_tower=cfg.train_vision_tower,
                                  **runtime)
+    if cfg.plugin and (Path(cfg.plugin) / LORA_DIR).is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, Path(cfg.plugin) / LORA_DIR, is_trainable=cfg.stage != "eval")
     return model, adapter, host_processor
 
 
@@ -456,7 +468,7 @@ def build(cfg: TrainConfig):
     """Host with the plugin attached (+ LoRA), the processors per budget, and for align the answer encoder
     with its tokenizer and whether that adds special tokens."""
     model, adapter, host_processor = load_host(cfg)
-    if cfg.lora and cfg.stage != "align":
+    if cfg.lora and cfg.stage != "align" and peft_base(model) is model:
         from peft import get_peft_model
 
         model = get_peft_model(model, qfusion.lora_config(model, r=cfg.lora_r))
@@ -594,7 +606,10 @@ def train(cfg: TrainConfig) -> dict:
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        get_adapter(accelerator.unwrap_model(model)).save_pretrained(out_dir)
+        trained = accelerator.unwrap_model(model)
+        get_adapter(trained).save_pretrained(out_dir)
+        if peft_base(trained) is not trained:  # a peft model: its LoRA goes with the plugin
+            trained.save_pretrained(out_dir / LORA_DIR)
         next(iter(processors.values())).save_pretrained(out_dir)  # its question settings; the budget is the plugin's
     return last
 

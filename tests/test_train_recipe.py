@@ -187,6 +187,26 @@ def test_elastic_runs_save_the_configured_budget_whatever_was_drawn(workspace):
         assert "attn_impl" not in saved
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft
+def test_a_lora_run_saves_its_lora_with_the_plugin_and_later_stages_load_both(workspace):
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    out = workspace / "lora"
+    run(workspace, "--stage", "generate", "--output-dir", str(out), "--set", "lora=true", "--set", "lora_r=2",
+        "--set", "optim.max_steps=3")
+    saved = load_file(out / "lora" / "adapter_model.safetensors")
+    assert any("lora_B" in name and weight.abs().sum() > 0 for name, weight in saved.items())  # B starts at 0
+    cfg = recipe.load_config(["--config", str(workspace / "config.yaml"), "--stage", "eval", "--plugin", str(out)])
+    model, adapter, _ = recipe.load_host(cfg)
+    assert isinstance(model, PeftModel) and not any(p.requires_grad for p in model.parameters())
+    loaded = get_peft_model_state_dict(model)
+    assert {k for k in saved if "lora_" in k} == {k for k in loaded if "lora_" in k}
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved if "lora_" in k)
+    run(workspace, "--stage", "eval", "--plugin", str(out), "--output-dir", str(out / "eval"))
+    assert json.loads((out / "eval" / "eval.json").read_text())["budgets"][0]["all"]["count"] == 16
+
+
 def test_default_budgets_come_from_the_plugin_and_never_exceed_its_codebook(workspace):
     assert recipe.powers_up_to(4, 4) == [1, 4] and recipe.powers_up_to(2, 12) == [1, 2, 4, 8, 12]
     small = recipe.new_fusion_config({"codebook_size": 8})  # FusionConfig's own defaults are m=64, n=16
