@@ -9,13 +9,13 @@ import qfusion_vllm
 import tiny
 
 
-def make_processor(host: str, plugin: str | None):
+def make_processor(host: str, plugin: str | None, **overrides):
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
     qfusion_vllm.register()
-    config = ModelConfig(model=host, hf_overrides=qfusion_vllm.hf_overrides(plugin), dtype="float32",
-                         max_model_len=512)
+    config = ModelConfig(model=host, hf_overrides=qfusion_vllm.hf_overrides(plugin, **overrides), dtype="float32",
+                         max_model_len=512, limit_mm_per_prompt={"image": 2})
     return MULTIMODAL_REGISTRY.create_processor(config)
 
 
@@ -24,20 +24,37 @@ def processor(artifacts):
     return make_processor(artifacts.host, artifacts.plugin)
 
 
-def run(processor, text: str, image: str, **mm_kwargs):
-    items = processor.info.parse_mm_data({"image": [Image.open(image).convert("RGB")]})
+def run(processor, text: str, *images: str, **mm_kwargs):
+    items = processor.info.parse_mm_data({"image": [Image.open(image).convert("RGB") for image in images]})
     return processor(text, items, hf_processor_mm_kwargs=mm_kwargs)
 
 
-def question_of(output) -> list[int]:
-    return output["mm_kwargs"]["image"][0]["qfusion_question_ids"].data.tolist()
+def question_of(output, item: int = 0) -> list[int]:
+    return output["mm_kwargs"]["image"][item]["qfusion_question_ids"].data.tolist()
+
+
+def ids(text: str) -> list[int]:
+    return tiny.tokenizer()(text, add_special_tokens=False)["input_ids"]
 
 
 def test_image_becomes_m_placeholders_and_carries_its_question(processor, artifacts):
     out = run(processor, "USER : <image> what is this ? ASSISTANT :", artifacts.images[0])
     assert out["prompt_token_ids"].count(tiny.IMAGE_TOKEN_ID) == tiny.M
     assert out["mm_placeholders"]["image"][0].length == tiny.M
-    assert question_of(out) == tiny.tokenizer()("what is this ?", add_special_tokens=False)["input_ids"]
+    assert question_of(out) == ids("what is this ?")
+
+
+def test_each_image_of_a_prompt_is_fused_with_the_text_after_it(processor, artifacts):
+    out = run(processor, "USER : <image> what is this ? <image> how many are there ? ASSISTANT :",
+              artifacts.images[0], artifacts.images[1])
+    assert [question_of(out, i) for i in range(2)] == [ids("what is this ?"), ids("how many are there ?")]
+    assert [p.length for p in out["mm_placeholders"]["image"]] == [tiny.M, tiny.M]
+
+
+def test_question_end_can_be_set_in_the_host_config(artifacts):
+    processor = make_processor(artifacts.host, artifacts.plugin, qfusion_question_end="?")
+    out = run(processor, "USER : <image> what is this ? ASSISTANT :", artifacts.images[0])
+    assert question_of(out) == ids("what is this")
 
 
 def test_question_is_part_of_the_multimodal_hash(processor, artifacts):
@@ -59,7 +76,7 @@ def test_budget_is_part_of_the_hash_and_sets_the_placeholders(processor, artifac
 def test_question_ends_at_the_end_of_its_user_turn(processor, artifacts):
     out = run(processor, "USER : <image> what is this ? ASSISTANT : a dog </s> USER : what color is it ? ASSISTANT :",
               artifacts.images[0])
-    assert question_of(out) == tiny.tokenizer()("what is this ?", add_special_tokens=False)["input_ids"]
+    assert question_of(out) == ids("what is this ?")
 
 
 @pytest.mark.parametrize("budget", [3, [0, 0], [17, 2], [2, 4], ["4", 2], [4, 2, 1]])
