@@ -258,3 +258,17 @@ def test_patched_methods_carry_the_host_signature_plus_the_qfusion_parameters(ho
             assert [p for p in patched.parameters if p not in QFUSION_PARAMETERS] == host_names
             for p in QFUSION_PARAMETERS:
                 assert patched.parameters[p].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_a_host_whose_forward_lacks_the_embedding_seam_is_refused_at_attach(hosts):
+    model = hosts.model("llava")
+
+    class WithoutSeam(type(model)):
+        def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   **kwargs)
+
+    model.__class__ = WithoutSeam
+    with pytest.raises(TypeError, match="has no 'mm_encoder_outputs' parameter in transformers"):
+        qfusion.attach(model, fusion_config())
+    assert "qfusion" not in model._modules and "forward" not in model.__dict__

@@ -1,18 +1,15 @@
 """HostAdapter: what a host family must tell qfusion, and the fused-token step every family shares.
 
-A family's adapter (``llava.py``, ``blip2.py``) states host facts: where its parts live, what width
-the fusion reads and writes, and the handlers of its patched ``forward`` / ``generate``. The
-generic machinery lives elsewhere: reversible patching with derived signatures in
-:mod:`qfusion.adapters.patching`, the plugin on disk in :mod:`qfusion.adapters.plugin`, the input
-protocol in :mod:`qfusion.inputs`.
-
-The fusion is the submodule ``model.qfusion``; the patched code looks it up at every call (peft's
-``modules_to_save`` replaces it by a wrapper around a trainable copy, and that copy must run).
+A family's adapter (``llava.py``, ``blip2.py``, ...) states host facts: where its parts live, what
+width the fusion reads and writes, and its patched calls; patching, plugin files and the input
+protocol live in ``patching.py``, ``plugin.py`` and :mod:`qfusion.inputs`. The fusion is the
+submodule ``model.qfusion``, looked up at every call (peft's ``modules_to_save`` swaps in a copy).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Any, Callable, ClassVar
 
@@ -52,13 +49,21 @@ class HostAdapter:
     llm_name: ClassVar[str]
     """Dotted name of the language model inside the host (for LoRA targeting)."""
 
+    seam: ClassVar[str] = "mm_encoder_outputs"
+    """The host forward's parameter for precomputed image embeddings, through which fused tokens enter."""
+
     def __init__(self, model: nn.Module, settings: AdapterSettings):
         self.model = model
         self.settings = settings
         self.patch: InstancePatch | None = None
-        self.check_host()
+        if self.seam not in inspect.signature(type(model).forward).parameters:
+            import transformers
 
-    # ------------------------------------------------------------------ host facts (per family)
+            raise TypeError(
+                f"model: {type(model).__name__}.forward has no {self.seam!r} parameter in transformers "
+                f"{transformers.__version__}; the fused tokens could not reach its LLM (upgrade transformers)"
+            )
+        self.check_host()
 
     def check_host(self) -> None:
         """Raise for hosts this adapter cannot serve (called before anything is changed)."""
@@ -97,8 +102,6 @@ class HostAdapter:
 
     patched: ClassVar[tuple[str, ...]] = ("forward", "generate")
     """The host methods replaced on the instance; ``patched_<name>(args, qfusion)`` runs each call."""
-
-    # ------------------------------------------------------------------ the plugin modules
 
     @property
     def fusion(self) -> QuestionFusion:
@@ -141,10 +144,8 @@ class HostAdapter:
                      context: Tensor | None = None, image_counts: list[list[int]] | None = None,
                      num_images: int | None = None):
         """(per sample, per question, the (k, output_dim) fused tokens in placeholder order, in the
-        fusion's dtype; the host outputs of ``encode``).
-
-        Every visual input is fused with the questions about it (:func:`qfusion.inputs.question_images`);
-        a question's tokens are those of its images, image after image.
+        fusion's dtype; the host outputs of ``encode``). Every visual input is fused with the questions
+        about it (:class:`qfusion.inputs.VisualPlan`).
 
         encode: () -> (one host feature tensor (V_i, vision_dim) per visual input of the batch, in
             prompt order; other host outputs the caller needs); cast here to the fusion's dtype and device.
@@ -218,8 +219,6 @@ class HostAdapter:
     def host_method(self, name: str) -> Callable:
         """The host's own ``name`` method, bound, as it was before attach."""
         return self.patch.host_method(name)
-
-    # ------------------------------------------------------------------ saving
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write the plugin only: the fusion (config.json, model.safetensors), the adapter settings
