@@ -11,7 +11,7 @@ benchmark: a 134M-parameter Llama LLM (12 layers, 768 wide, head_dim 64), a smal
 336 px / patch 14 (576 vision tokens) and a ~6M-parameter fusion (≈4 % of the LLM, the paper's
 proportion).
 Pass ``--host`` and ``--plugin`` to measure real checkpoints; the same command runs on a GPU with
-vLLM's CUDA build (drop ``--enforce-eager`` there to keep CUDA graphs).
+vLLM's CUDA build (there with CUDA graphs and no fixed KV cache size by default).
 
     python benchmarks/bench_vllm.py                       # CPU, synthetic models
     python benchmarks/bench_vllm.py --host llava-1.5-7b-hf --plugin my-plugin --requests 64
@@ -233,7 +233,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=8, help="output tokens per request")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="no torch.compile / CUDA graphs (default: on CPU only, where compiling costs minutes)")
     parser.add_argument("--kv-cache-bytes", type=int, default=None,
                         help="fixed KV cache size (CPU: avoids reserving a fraction of the machine's memory)")
     parser.add_argument("--startup-timeout", type=float, default=600)
@@ -248,8 +249,11 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-vllm-")
     host_dir, plugin_dir, sizes = ((args.host, args.plugin, None) if args.host
                                    else build_synthetic(work, args.num_tokens))
-    if args.kv_cache_bytes is None and device_name().startswith("cpu"):
+    on_cpu = device_name().startswith("cpu")
+    if args.kv_cache_bytes is None and on_cpu:
         args.kv_cache_bytes = 1 << 30
+    if args.enforce_eager is None:
+        args.enforce_eager = on_cpu
     image_urls = images(max(args.requests, 1) + 1)
     load_before = os.getloadavg()
     rows = []
