@@ -350,7 +350,7 @@ def test_sweep_trains_and_evaluates_every_budget_in_both_modes_and_fits_the_law(
     out = workspace / "sweep"
     run(workspace, "--stage", "sweep", "--output-dir", str(out), "--set", "sweep.budgets=[1, 2, 4]",
         "--set", "sweep.fraction=1.0", "--set", "optim.max_steps=12", "--set", "optim.lr=1e-3",
-        "--set", "sweep.bootstrap=20",
+        "--set", "sweep.bootstrap=20", "--set", "eval.batch_size=16",
         "--set", "eval.data=" + str(workspace / "train.jsonl"))
     names = ["m1-n1", "m2-n2", "m4-n2", "m1-n1-no-question", "m2-n2-no-question", "m4-n2-no-question"]
     summary = json.loads((out / "sweep.json").read_text())
