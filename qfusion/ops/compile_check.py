@@ -122,11 +122,22 @@ def _source(case: Case):
     return ASTSource(fn, signature, constexprs, attrs), constexprs
 
 
-def _ptxas_report(ptx: str, arch: int) -> dict:
-    """Registers, spills, stack of the PTX's entry function from the ptxas Triton itself uses."""
+def _ptxas_path(arch: int) -> str:
+    """The ptxas Triton uses for ``arch`` (its helper's signature and result differ across 3.x)."""
     from triton.backends.nvidia import compiler as nvidia
 
-    ptxas = nvidia.get_ptxas(arch).path if hasattr(nvidia, "get_ptxas") else nvidia.get_ptxas_path(arch)
+    try:
+        tool = nvidia.get_ptxas(arch)
+    except TypeError:
+        tool = nvidia.get_ptxas()
+    if isinstance(tool, tuple):  # (path, version)
+        return tool[0]
+    return getattr(tool, "path", tool)
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers, spills, stack of the PTX's entry function from the ptxas Triton itself uses."""
+    ptxas = _ptxas_path(arch)
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
