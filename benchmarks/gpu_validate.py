@@ -112,6 +112,7 @@ class Context:
 
 
 def stage_s0(ctx: Context) -> dict:
+    """Versions, device, clocks, SM count and the measured matmul peak per dtype."""
     import triton
 
     info = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
@@ -238,6 +239,7 @@ def _check_case(ctx: Context, name: str, meta_q, meta_k, policy: str, dtype, dim
 
 
 def stage_s2(ctx: Context) -> dict:
+    """Correctness of out, dq, dk, dv against float64 on the ragged, ask, no-key and d=80 cases."""
     rows = []
     dims = (32,) if ctx.smoke else (64, 128)
     cases = []
@@ -373,6 +375,7 @@ def _causal_impls(ctx):
 
 
 def stage_s3(ctx: Context) -> dict:
+    """Times of the kernel and its baselines at the goal shapes (rows saved as they come)."""
     from torch.nn.attention import SDPBackend
 
     peaks = ctx.result["stages"].get("S0", {}).get("matmul_peak_tflops", {})
@@ -487,6 +490,7 @@ def _nvidia_smi(fields: str) -> str | None:
 
 
 def default_out(smoke: bool) -> Path:
+    """results/gpu-validate-<device>.json, or a temporary file for the smoke run."""
     if smoke:
         return Path(tempfile.gettempdir()) / "gpu-validate-smoke.json"
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
@@ -494,6 +498,7 @@ def default_out(smoke: bool) -> Path:
 
 
 def main(argv=None) -> dict:
+    """Run the requested stages under the deadline; returns the result that was written."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of S0..S5")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (internal deadline)")

@@ -218,6 +218,7 @@ def problems(row: dict) -> list[str]:
 
 
 def describe(row: dict) -> str:
+    """One line per compiled kernel: config, registers, spills, shared memory, pipelining, compile time."""
     head = (f"{row['kernel']:5} sm_{row['arch']} {row['dtype']:8} d{row['head_dim']:<3} {row['policy']:8} "
             f"{row['block_m']}x{row['block_n']} w{row['num_warps']} s{row['num_stages']}")
     if "error" in row:
@@ -236,6 +237,7 @@ def _quiet() -> None:
 
 
 def main(argv=None) -> int:
+    """Compile the production configs, print one line each and the problems; exit 1 if any."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every production config (default: the subset)")
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS,

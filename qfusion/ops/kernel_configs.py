@@ -60,6 +60,7 @@ class KernelConfig:
 
     @classmethod
     def from_ints(cls, values) -> "KernelConfig":
+        """The inverse of :meth:`as_ints`."""
         values = [int(x) for x in values]
         if len(values) != 12:
             raise ValueError(f"values: expected 12 integers, got {len(values)}")
@@ -130,6 +131,7 @@ def table_arch(capability: tuple[int, int]) -> int:
 
 
 def dtype_kind(dtype: torch.dtype) -> str:
+    """The table's dtype column: "float32", or "half" for float16 and bfloat16."""
     return "float32" if dtype == torch.float32 else "half"
 
 

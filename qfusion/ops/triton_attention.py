@@ -467,6 +467,7 @@ class TilePlan(NamedTuple):
     dq: TileLists
 
     def tensors(self) -> list[Tensor]:
+        """The 12 tensors in the order the custom ops take them (fwd, dkdv, dq; each as TileLists)."""
         return [t for lists in self for t in lists]
 
 
