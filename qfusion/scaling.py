@@ -291,7 +291,8 @@ def smallest_budget(fit: PowerLawFit, *, target: float | None = None, max_loss: 
     (384, False)
     """
     if (target is None) == (max_loss is None):
-        raise ValueError(f"target, max_loss: expected exactly one of them, got target={target!r}, max_loss={max_loss!r}")
+        raise ValueError(f"target, max_loss: expected exactly one of them, got target={target!r}, "
+                         f"max_loss={max_loss!r}")
     if target is not None and not (math.isfinite(target) and target > 0):
         raise ValueError(f"target: expected a finite score > 0 (the law only takes values > 0), got {target!r}")
     if max_loss is not None and not (0 <= max_loss < 1):

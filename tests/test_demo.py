@@ -1,23 +1,133 @@
 import json
 
+import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("sklearn", reason="the demo needs pip install 'qfusion[demo]'")
 
 from qfusion.cli import main  # noqa: E402
+from qfusion.demo.data import (ANSWER_LEN, CELLS, DIGIT_IDS, QUESTION_TYPES, REGIONS, VOCAB, WORDS,  # noqa: E402
+                               sample_grids)
+from qfusion.demo.lm import IGNORE, QUESTION_LEN, lm_text  # noqa: E402
+from qfusion.demo.reconstruction import reconstruction_loss  # noqa: E402
+from qfusion.demo.report import fit_modes, fusion_gain, honesty, summarize  # noqa: E402
+from qfusion.demo.train import cell_views  # noqa: E402
+
+BUDGETS = (1, 2, 3, 4, 6, 9, 16)
 
 
-def test_quick_demo_writes_results_and_plot_and_the_reader_learns(tmp_path, capsys):
+def grids(num=64, questions=4, seed=0):
+    return sample_grids(np.arange(1000) % 10, num, questions, np.random.default_rng(seed))
+
+
+def test_answers_are_the_digits_of_the_named_cells_in_reading_order():
+    batch = grids()
+    words = {VOCAB[place]: (kind, cells) for kind, place, cells in REGIONS}
+    for b in range(len(batch)):
+        for g in range(batch.questions.shape[1]):
+            kind, cells = words[int(batch.questions[b, g, -1])]
+            assert QUESTION_TYPES[batch.kinds[b, g]] == kind
+            expected = [DIGIT_IDS[int(batch.labels[b, c])] for c in cells]
+            assert batch.answers[b, g, :len(cells)].tolist() == expected
+            assert batch.answer_cells[b, g].tolist() == [*cells, *[-1] * (ANSWER_LEN - len(cells))]
+            assert batch.evidence[b, g].nonzero().flatten().tolist() == sorted(cells)
+
+
+def test_lm_text_scores_the_answer_digits_and_eos_only():
+    batch = grids(8, 3)
+    text, labels = lm_text(batch)
+    lengths = batch.answer_mask.flatten(0, 1).sum(-1)
+    for row, length in enumerate(lengths.tolist()):
+        kept = (labels[row] != IGNORE).nonzero().flatten().tolist()
+        assert kept == list(range(QUESTION_LEN, QUESTION_LEN + length + 1))
+        assert WORDS[int(text[row, QUESTION_LEN + length])] == "<eos>"
+        answer = batch.answers.flatten(0, 1)[row, :length]
+        assert text[row, QUESTION_LEN:QUESTION_LEN + length].tolist() == answer.tolist()
+
+
+@pytest.mark.parametrize("size", [1, 3, 9, 16])
+def test_reader_views_hold_the_evidence_cells_that_fit(size):
+    evidence = grids(32, 4).evidence.flatten(0, 1)
+    views = cell_views(evidence, size, torch.Generator().manual_seed(0))
+    assert views.shape == (evidence.shape[0], size)
+    for row, view in zip(evidence, views):
+        held = set(view.tolist())
+        needed = set(row.nonzero().flatten().tolist())
+        assert len(held & needed) == min(len(needed), size)
+        if size <= CELLS:
+            assert len(held) == size  # distinct cells until there are more slots than cells
+
+
+def test_reconstruction_is_zero_for_the_cells_in_any_order_and_assigns_distinct_cells():
+    torch.manual_seed(0)
+    cells = torch.randn(2, CELLS, 8)
+    evidence = torch.zeros(2, CELLS, dtype=torch.bool)
+    evidence[0, [1, 4, 7]] = True
+    evidence[1] = True
+    tokens = torch.stack([cells[0, [7, 1, 4, 4]], cells[1, torch.randperm(CELLS)[:4]]])  # (2, 4, 8)
+    assert reconstruction_loss(tokens, cells, evidence).item() == pytest.approx(0.0, abs=1e-10)
+    # Two slots on one cell: the assignment gives one of them another cell, so the loss is not zero.
+    collapsed = torch.stack([cells[0, [1, 1]], cells[1, [0, 0]]])
+    assert reconstruction_loss(collapsed, cells, evidence).item() > 0.1
+
+
+def synthetic_runs(fused_gain=0.3, plain_at_room=0.96):
+    runs = []
+    for seed in range(3):
+        runs.append({"seed": seed, "mode": "none", "budget": "all",
+                     "accuracy": {k: 0.96 for k in QUESTION_TYPES}})
+        for n in BUDGETS:
+            plain = min(plain_at_room, 0.1 + 0.1 * n) + 0.005 * seed
+            fused = {"cell": 0.96, "line": min(0.96, 0.35 * n), "block": min(0.96, 0.25 * n)}
+            runs.append({"seed": seed, "mode": "plain", "budget": n, "accuracy": {k: plain for k in QUESTION_TYPES}})
+            runs.append({"seed": seed, "mode": "fused", "budget": n,
+                         "accuracy": {k: (fused[k] if n >= 4 else min(0.96, plain + fused_gain)) if k != "cell"
+                                      else 0.96 for k in QUESTION_TYPES}})
+    return runs
+
+
+def test_honesty_check_needs_the_roomy_blind_compressor_near_the_baseline():
+    assert honesty(summarize(synthetic_runs(), BUDGETS), BUDGETS)["budget_effect_reportable"]
+    failed = honesty(summarize(synthetic_runs(plain_at_room=0.75), BUDGETS), BUDGETS)
+    assert failed["baseline_ok"] and not failed["plain_ok"] and not failed["budget_effect_reportable"]
+
+
+def test_gain_counts_only_where_it_exceeds_the_seed_spread():
+    gain = fusion_gain(synthetic_runs(), BUDGETS)
+    assert gain["line"]["small_n"] == [1, 2] and gain["block"]["small_n"] == [1, 2, 3]
+    assert gain["line"]["per_budget"]["1"]["gain"] == pytest.approx(0.3)
+    assert fusion_gain(synthetic_runs(fused_gain=0.0), BUDGETS)["line"]["small_n"] == []
+
+
+def test_fits_use_the_rising_range_of_each_type():
+    fits = fit_modes(summarize(synthetic_runs(), BUDGETS), BUDGETS)
+    assert fits["fused"]["line"]["rising"]["budgets"] == [1, 2, 3]
+    assert fits["fused"]["block"]["rising"]["budgets"] == [1, 2, 3, 4]
+    assert "error" in fits["fused"]["cell"]["rising"]  # one budget: a cell answer needs one token
+    assert fits["fused"]["line"]["rising"]["alpha"] < 0
+
+
+def test_quick_demo_compressors_learn_above_chance(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "accuracy on unseen handwriting" in printed and "honesty check" in printed
+    assert "digit accuracy on unseen handwriting" in printed and "honesty check" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quick"] is True
-    assert set(results["summary"]) == {"fused", "plain"}
-    assert set(results["honesty"]) >= {"baseline_ok", "plain_ok", "budget_effect_reportable"}
-    baseline = [r for r in results["runs"] if r["mode"] == "none"]
-    assert baseline and baseline[0]["accuracy"]["cell"] > 0.8  # chance is 0.1
+    chance = results["chance"]
+    assert all(0.05 < c < 0.2 for c in chance.values())  # ten digits, about equally frequent
+    summary = results["summary"]
+    assert set(summary) == {"fused", "plain"}
     for mode in ("fused", "plain"):
-        budgets = {r["budget"] for r in results["runs"] if r["mode"] == mode}
-        assert budgets == {1, 2, 4, 8, 16}
+        assert {r["budget"] for r in results["runs"] if r["mode"] == mode} == set(BUDGETS)
+    baseline = summary["plain"]["all"]
+    assert all(baseline[k]["mean"] > chance[k] + 0.6 for k in QUESTION_TYPES)
+    # The compressors themselves learn: with room for the answer, well above chance.
+    assert summary["fused"]["16"]["cell"]["mean"] > chance["cell"] + 0.4
+    assert summary["fused"]["4"]["block"]["mean"] > chance["block"] + 0.3
+    assert summary["plain"]["16"]["cell"]["mean"] > chance["cell"] + 0.2
+    # and, asked about a line with one token, the fused compressor keeps a cell of that line.
+    assert summary["fused"]["1"]["line"]["mean"] > summary["plain"]["1"]["line"]["mean"] + 0.05
+    assert set(results["honesty"]) >= {"baseline_ok", "plain_ok", "budget_effect_reportable"}
+    assert set(results["fits"]["fused"]) == set(QUESTION_TYPES)
     assert (tmp_path / "scaling.png").stat().st_size > 1000

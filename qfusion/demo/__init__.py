@@ -1,9 +1,10 @@
 """The CPU demo (``qfusion demo``): question-fused vs question-blind compression on real handwriting.
 
 Images are 3×3 grids of scikit-learn's handwritten digits; a frozen per-cell encoder gives one
-vision token per cell; a small LM, trained once on the 9 uncompressed tokens and then frozen, answers
-questions about one cell or the whole grid. QuestionFusion compressors, with and without the
-question, are trained for that fixed reader and evaluated at N = 1, 2, 4, 8, 16 fused tokens.
+vision token per cell; a small LM, trained once on cell tokens and then frozen, answers questions
+about one cell, a row or column (three digits) or a 2×2 block (four digits). QuestionFusion
+compressors, with and without the question, are trained for that fixed reader and evaluated at
+N = 1, 2, 3, 4, 6, 9, 16 fused tokens.
 
 Modules, in the order the data flows: ``data`` (grids and questions), ``encoder`` (the frozen cell
 encoder), ``lm`` (the reader LM), ``answers`` (MiniLM answer embeddings), ``reconstruction`` (the

@@ -1,14 +1,14 @@
 """The demo's language model: a 2-layer causal transformer that reads [vision tokens | question] and answers.
 
-It plays the role of the VLM's LLM: trained once, from scratch, on the 9 uncompressed cell tokens,
-then frozen. A compressor is judged by how well this fixed reader answers from its N fused tokens
-in place of the 9 cell tokens.
+It plays the role of the VLM's LLM: trained once, from scratch, on cell tokens, then frozen. A
+compressor is judged by how well this fixed reader answers from its N fused tokens in place of the
+9 cell tokens.
 
-Design (what makes the uncompressed baseline reach the encoder's ceiling on cell questions):
-no transformer layer of its own over the cells before the LM; cell features LayerNorm-ed (their
-norm is far above the position embeddings') plus learned row and column embeddings, which the
-question's "row r" / "column c" words share; no position embeddings in the LM itself, so it reads a
-prefix of any length.
+Design (what makes the uncompressed baseline reach the encoder's ceiling): no transformer layer of
+its own over the cells before the LM; cell features LayerNorm-ed (their norm is far above the
+position embeddings') plus learned row and column embeddings, which the question's place words
+share; position embeddings on the text only, so the visual prefix is a set of any size, read by
+content (the reader is trained on shuffled subsets of cells, see ``qfusion.demo.train``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from qfusion.demo.data import CELLS, EOS, GRID, PAD, PLACE_IDS, VOCAB, WORDS, GridBatch
+from qfusion.demo.data import (ANSWER_LEN, CELLS, COLUMNS, EOS, GRID, PAD, PLACES, QUESTION_LEN, ROWS, VOCAB, WORDS,
+                               GridBatch)
 from qfusion.losses import generation_loss
 
 IGNORE = -100
+TEXT_LEN = QUESTION_LEN + ANSWER_LEN + 1  # question, answer digits, <eos>
 
 
 class Block(nn.Module):
@@ -45,7 +47,7 @@ class Block(nn.Module):
 
 
 class ReaderLM(nn.Module):
-    """A small causal LM over [K visual tokens | question words | answer word | <eos>].
+    """A small causal LM over [K visual tokens | five question words | answer digits | <eos>].
 
     feature_dim: width of the frozen cell features; dim: the LM's width (= the fused tokens' width).
     """
@@ -58,15 +60,19 @@ class ReaderLM(nn.Module):
         self.row = nn.Embedding(GRID, dim)
         self.column = nn.Embedding(GRID, dim)
         self.words = nn.Embedding(len(WORDS), dim)
+        self.text_position = nn.Embedding(TEXT_LEN, dim)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, len(WORDS))
         cell = torch.arange(CELLS)
         self.register_buffer("cell_row", cell // GRID, persistent=False)
         self.register_buffer("cell_column", cell % GRID, persistent=False)
-        table = torch.full((len(WORDS),), -1)  # word id → the cell it names, -1 for other words
-        table[list(PLACE_IDS)] = cell
-        self.register_buffer("cell_of_word", table, persistent=False)
+        # word id → the cell / row / column it names, -1 for other words
+        for name, words, values in (("cell_of_word", PLACES, cell), ("row_of_word", ROWS, torch.arange(GRID)),
+                                    ("column_of_word", COLUMNS, torch.arange(GRID))):
+            table = torch.full((len(WORDS),), -1)
+            table[[VOCAB[w] for w in words]] = values
+            self.register_buffer(name, table, persistent=False)
 
     def place(self, cell: Tensor) -> Tensor:
         """Position embedding row(r) + column(c) of cells (...,) → (..., dim)."""
@@ -77,9 +83,12 @@ class ReaderLM(nn.Module):
         return self.vision_proj(self.feature_norm(features)) + self.place(torch.arange(CELLS, device=features.device))
 
     def embed_words(self, ids: Tensor) -> Tensor:
-        """ids: (S, L) → (S, L, dim); a "row r, column c" word is embedded as that cell's position."""
-        cell = self.cell_of_word[ids]
-        return torch.where((cell >= 0)[..., None], self.place(cell.clamp(min=0)), self.words(ids))
+        """ids: (S, L) → (S, L, dim), plus text positions; place words share the cells' position tables."""
+        cell, row, column = self.cell_of_word[ids], self.row_of_word[ids], self.column_of_word[ids]
+        x = torch.where((cell >= 0)[..., None], self.place(cell.clamp(min=0)), self.words(ids))
+        x = torch.where((row >= 0)[..., None], self.row(row.clamp(min=0)), x)
+        x = torch.where((column >= 0)[..., None], self.column(column.clamp(min=0)), x)
+        return x + self.text_position(torch.arange(ids.shape[1], device=ids.device))
 
     def forward(self, visual: Tensor, text: Tensor) -> Tensor:
         """visual: (S, K, dim) tokens in place of the image; text: (S, L) word ids → logits (S, K + L, vocab)."""
@@ -89,23 +98,23 @@ class ReaderLM(nn.Module):
         return self.head(self.norm(x))
 
 
-def lm_text(batch: GridBatch) -> tuple[Tensor, Tensor, Tensor]:
-    """The LM's text side of every (grid, question): question, answer, <eos>, right-padded.
+def lm_text(batch: GridBatch) -> tuple[Tensor, Tensor]:
+    """The LM's text side of every (grid, question): question, answer digits, <eos>, right-padded.
 
-    Returns text (B·G, L) word ids, answer_labels (B·G, L) with the answer and <eos> kept and -100
-    elsewhere, and answer_position (B·G,): where the answer word stands in text.
+    Returns text (B·G, TEXT_LEN) word ids and labels (B·G, TEXT_LEN) with the answer digits and
+    <eos> kept and -100 elsewhere.
     """
     questions = batch.questions.flatten(0, 1)  # (S, QUESTION_LEN)
-    lengths = batch.lengths.flatten()
-    answers = batch.answers.flatten()
+    answers = batch.answers.flatten(0, 1)  # (S, ANSWER_LEN)
     rows = torch.arange(questions.shape[0])
-    text = torch.cat([questions, torch.full((questions.shape[0], 2), VOCAB[PAD])], dim=1)
-    text[rows, lengths] = answers
-    text[rows, lengths + 1] = VOCAB[EOS]
+    lengths = batch.answer_mask.flatten(0, 1).sum(-1)  # (S,)
+    text = torch.cat([questions, answers, torch.full((questions.shape[0], 1), VOCAB[PAD])], dim=1)
+    text[rows, QUESTION_LEN + lengths] = VOCAB[EOS]
     labels = torch.full_like(text, IGNORE)
-    labels[rows, lengths] = answers
-    labels[rows, lengths + 1] = VOCAB[EOS]
-    return text, labels, lengths
+    keep = torch.arange(TEXT_LEN) >= QUESTION_LEN
+    keep = keep & (torch.arange(TEXT_LEN) <= QUESTION_LEN + lengths[:, None])
+    labels[keep] = text[keep]
+    return text, labels
 
 
 def answer_loss(lm: ReaderLM, visual: Tensor, text: Tensor, labels: Tensor) -> Tensor:
@@ -116,9 +125,13 @@ def answer_loss(lm: ReaderLM, visual: Tensor, text: Tensor, labels: Tensor) -> T
 
 
 @torch.no_grad()
-def predict(lm: ReaderLM, visual: Tensor, text: Tensor, answer_position: Tensor) -> Tensor:
-    """The LM's greedy answer word (S,) after each question (the answer itself is never read)."""
-    logits = lm(visual, text)
-    rows = torch.arange(text.shape[0])
-    return logits[rows, visual.shape[1] + answer_position - 1].argmax(-1)
+def generate(lm: ReaderLM, visual: Tensor, questions: Tensor) -> Tensor:
+    """The LM's greedy answer: (S, ANSWER_LEN) word ids after each question (S, QUESTION_LEN).
 
+    Decodes ANSWER_LEN words for every question; a shorter answer is scored on its own length.
+    """
+    text = questions
+    for _ in range(ANSWER_LEN):
+        logits = lm(visual, text)
+        text = torch.cat([text, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return text[:, QUESTION_LEN:]

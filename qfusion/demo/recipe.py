@@ -17,20 +17,21 @@ class Recipe:
     lm_steps: int  # the reader LM, on uncompressed cell tokens
     lm_grids: int  # grids per LM step
     lm_questions: int  # questions per grid in an LM step
-    stage1_steps: int  # compressor stage 1: contrastive + identity
-    stage2_steps: int  # compressor stage 2: generation through the frozen LM
+    stage1_steps: int  # compressor stage 1: contrastive + identity + reconstruction
+    stage2_steps: int  # compressor stage 2: generation through the frozen LM (+ the stage-1 loss)
     grids: int  # grids per compressor step
     questions: int  # questions per grid in a compressor step (the m/n layout)
     test_grids: int  # fixed test grids, from the unseen handwriting pool
     test_questions: int  # questions per test grid
-    budgets: tuple[int, ...] = (1, 2, 4, 8, 16)  # N, drawn at random per step (nested slots)
+    budgets: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 16)  # N, drawn at random per step (nested slots)
     lm_lr: float = 3e-3
     fusion_lr: float = 1e-3
     workers: int = 2
 
 
 FULL = Recipe(seeds=(0, 1, 2), encoder_steps=300, lm_steps=1500, lm_grids=32, lm_questions=2,
-              stage1_steps=1200, stage2_steps=300, grids=32, questions=4, test_grids=1000, test_questions=4)
+              stage1_steps=1000, stage2_steps=300, grids=32, questions=4, test_grids=1000, test_questions=4)
 
-QUICK = Recipe(seeds=(0,), encoder_steps=300, lm_steps=600, lm_grids=32, lm_questions=2,
-               stage1_steps=150, stage2_steps=100, grids=32, questions=4, test_grids=200, test_questions=4)
+QUICK = Recipe(seeds=(0,), encoder_steps=300, lm_steps=700, lm_grids=32, lm_questions=2,
+               stage1_steps=250, stage2_steps=50, grids=32, questions=4, test_grids=200, test_questions=4,
+               fusion_lr=3e-3)

@@ -1,4 +1,4 @@
-"""The demo's results: summary over seeds, power-law fits, the honesty check, the table, results.json and the plot."""
+"""The demo's results: summary over seeds, power-law fits, the gain of fusion, the honesty check, table, JSON, plot."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from qfusion.scaling import fit_power_law
 MODES = {"fused": "question fused", "plain": "no question"}
 ALL = "all"  # no compression: the LM reads the 9 cell tokens
 CELLS_TOKENS = 9
-BASELINE_FLOOR = 0.95  # the uncompressed baseline must reach this on cell questions
+DIGITS_NEEDED = {"cell": 1, "line": 3, "block": 4}  # cells an answer reads: the tokens' worth it needs
+REGION_TYPES = ("line", "block")
+BASELINE_FLOOR = 0.95  # the uncompressed baseline must reach this on every question type
 PLAIN_MARGIN = 0.05  # the no-question compressor at N >= 9 must come this close to the baseline
 
 
@@ -39,36 +41,78 @@ def summarize(runs: list[dict], budgets: tuple[int, ...]) -> dict:
     return summary
 
 
-def fit_modes(summary: dict, budgets: tuple[int, ...]) -> dict:
-    """P(N) = (N_c / N)^α per mode on mean cell-question accuracy over the compressed budgets.
+def _fit(budgets: list[int], scores: list[float]) -> dict:
+    try:
+        return {"budgets": budgets, **fit_power_law(budgets, scores).to_dict()}
+    except ValueError as error:
+        return {"budgets": budgets, "error": str(error)}
 
-    A mode whose points show no power law (or cannot be fitted) gets {"error": message}.
+
+def fit_modes(summary: dict, budgets: tuple[int, ...]) -> dict:
+    """P(N) = (N_c / N)^α per mode and question type, on mean accuracy over seeds.
+
+    Two fits each: over every budget ("all"), and over the rising range ("rising"): the budgets up
+    to the first N that has room for every cell the answer reads (N <= 3 for a line, 4 for a block),
+    past which a question-fused compressor has nothing left to gain. A cell answer reads one cell,
+    so it has no rising range. A fit that cannot be made gets {"error": message}.
     """
-    fits = {}
+    fits: dict = {}
     for mode in MODES:
-        scores = [summary[mode][str(n)]["cell"]["mean"] for n in budgets]
-        try:
-            fits[mode] = fit_power_law(list(budgets), scores).to_dict()
-        except ValueError as error:
-            fits[mode] = {"error": str(error)}
+        fits[mode] = {}
+        for kind in QUESTION_TYPES:
+            scores = {n: summary[mode][str(n)][kind]["mean"] for n in budgets}
+            needed = min((n for n in budgets if n >= DIGITS_NEEDED[kind]), default=max(budgets))
+            rising = [n for n in budgets if n <= needed]
+            fits[mode][kind] = {
+                "all": _fit(list(budgets), list(scores.values())),
+                "rising": (_fit(rising, [scores[n] for n in rising]) if len(rising) >= 3 else
+                           {"budgets": rising, "error": f"only {len(rising)} budget(s) up to N = {needed}"}),
+            }
     return fits
+
+
+def fusion_gain(runs: list[dict], budgets: tuple[int, ...]) -> dict:
+    """Question fused minus no question, per region type and budget, against the spread over seeds.
+
+    The two modes of one seed share its host, so the gain is taken per seed; ``spread`` is the sum of
+    the two modes' standard deviations over seeds, and ``beats_spread`` says whether the mean gain
+    exceeds it. ``small_n`` lists the budgets smaller than the answer's cell count (where a blind
+    compressor cannot hold the whole region) at which the gain beats the spread.
+    """
+    accuracy = {(r["seed"], r["mode"], r["budget"]): r["accuracy"] for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    gain: dict = {}
+    for kind in REGION_TYPES:
+        gain[kind] = {"per_budget": {}, "small_n": []}
+        for n in budgets:
+            fused = np.array([accuracy[s, "fused", n][kind] for s in seeds])
+            plain = np.array([accuracy[s, "plain", n][kind] for s in seeds])
+            per_seed = fused - plain
+            spread = float(fused.std() + plain.std())
+            beats = bool(per_seed.mean() > spread and (per_seed > 0).all())
+            gain[kind]["per_budget"][str(n)] = {"gain": float(per_seed.mean()), "per_seed": per_seed.tolist(),
+                                                "spread": spread, "beats_spread": beats}
+            if beats and n < DIGITS_NEEDED[kind]:
+                gain[kind]["small_n"].append(n)
+    return gain
 
 
 def honesty(summary: dict, budgets: tuple[int, ...]) -> dict:
     """Whether the gap between the modes may be read as a token-budget effect.
 
-    Two conditions: the uncompressed baseline reaches BASELINE_FLOOR on cell questions, and the
+    Two conditions: the uncompressed baseline reaches BASELINE_FLOOR on every question type, and the
     no-question compressor at every budget N >= 9 (room for every cell) comes within PLAIN_MARGIN of
-    it. If the second fails, the no-question compressor did not learn, and its deficit says nothing
-    about the token budget.
+    it on every type. If the second fails, the no-question compressor did not learn, and its deficit
+    says nothing about the token budget.
     """
-    baseline = summary["plain"][ALL]["cell"]["mean"]
+    baseline = {kind: summary["plain"][ALL][kind]["mean"] for kind in QUESTION_TYPES}
     roomy = [n for n in budgets if n >= CELLS_TOKENS]
-    plain = {str(n): summary["plain"][str(n)]["cell"]["mean"] for n in roomy}
-    baseline_ok = baseline >= BASELINE_FLOOR
-    plain_ok = bool(roomy) and all(baseline - acc <= PLAIN_MARGIN for acc in plain.values())
-    return {"baseline_cell": baseline, "baseline_floor": BASELINE_FLOOR, "baseline_ok": baseline_ok,
-            "plain_cell_at_n_ge_9": plain, "plain_margin": PLAIN_MARGIN, "plain_ok": plain_ok,
+    plain = {str(n): {kind: summary["plain"][str(n)][kind]["mean"] for kind in QUESTION_TYPES} for n in roomy}
+    baseline_ok = all(acc >= BASELINE_FLOOR for acc in baseline.values())
+    plain_ok = bool(roomy) and all(baseline[kind] - acc <= PLAIN_MARGIN
+                                   for at_n in plain.values() for kind, acc in at_n.items())
+    return {"baseline": baseline, "baseline_floor": BASELINE_FLOOR, "baseline_ok": baseline_ok,
+            "plain_at_n_ge_9": plain, "plain_margin": PLAIN_MARGIN, "plain_ok": plain_ok,
             "budget_effect_reportable": baseline_ok and plain_ok}
 
 
@@ -77,39 +121,60 @@ def _cell(stat: dict) -> str:
 
 
 def format_table(summary: dict, chance: dict, budgets: tuple[int, ...], seeds: int, questions: dict) -> str:
-    """The printed table: accuracy (%) mean ± std over seeds, per N, mode and question type."""
+    """The printed table: digit accuracy (%) mean ± std over seeds, per N, mode and question type."""
     kinds = QUESTION_TYPES
-    header = f"{'N':>4} | " + " | ".join(f"{MODES[m] + ': ' + k:>22}" for m in MODES for k in kinds)
-    lines = [f"accuracy on unseen handwriting, % (mean ± std over {seeds} seed{'s' * (seeds > 1)}; test questions: "
-             + ", ".join(f"{k} {questions[k]}" for k in kinds) + ")", header, "-" * len(header)]
+    header = f"{'N':>4} | " + " | ".join(f"{MODES[m] + ': ' + k:>20}" for m in MODES for k in kinds)
+    lines = [f"digit accuracy on unseen handwriting, % (mean ± std over {seeds} seed{'s' * (seeds > 1)}; "
+             "test questions: " + ", ".join(f"{k} {questions[k]}" for k in kinds) + ")", header, "-" * len(header)]
     for budget in [*budgets, ALL]:
-        row = [f"{_cell(summary[m][str(budget)][k]):>22}" for m in MODES for k in kinds]
+        row = [f"{_cell(summary[m][str(budget)][k]):>20}" for m in MODES for k in kinds]
         lines.append(f"{str(budget):>4} | " + " | ".join(row))
-    lines.append(f"{'':>4} | " + " | ".join(f"{'chance ' + format(100 * chance[k], '.1f'):>22}"
+    lines.append(f"{'':>4} | " + " | ".join(f"{'chance ' + format(100 * chance[k], '.1f'):>20}"
                                             for _ in MODES for k in kinds))
     lines.append(f"N = {ALL}: no compression, the LM reads the 9 cell tokens (the same model in both columns)")
     return "\n".join(lines)
 
 
+def _fit_text(fit: dict) -> str:
+    span = f"N = {fit['budgets'][0]}..{fit['budgets'][-1]}"
+    if "error" in fit:
+        return f"{span}: no fit ({fit['error']})"
+    low, high = fit["alpha_ci"]
+    return (f"{span}: alpha = {fit['alpha']:.3f} [{low:.3f}, {high:.3f}], N_c = {fit['n_c']:.3g}, "
+            f"R2 (log) = {fit['r2']:.3f}")
+
+
 def format_fits(fits: dict) -> str:
-    """One line per mode: α, its bootstrap interval, N_c and R² of the log-space fit (or why there is none)."""
-    lines = []
-    for mode, fit in fits.items():
-        if "error" in fit:
-            lines.append(f"power law, {MODES[mode]}: no fit ({fit['error']})")
-        else:
-            low, high = fit["alpha_ci"]
-            lines.append(f"power law P(N) = (N_c / N)^alpha on cell accuracy, {MODES[mode]}: alpha = {fit['alpha']:.4f} "
-                         f"(95% CI [{low:.4f}, {high:.4f}]), N_c = {fit['n_c']:.3g}, R2 (log) = {fit['r2']:.3f}")
+    """One line per mode and type: α, its bootstrap interval, N_c and log-space R², rising range and all N."""
+    lines = ["power law P(N) = (N_c / N)^alpha on digit accuracy (alpha with its 95% bootstrap interval):"]
+    for mode, by_kind in fits.items():
+        for kind, fit in by_kind.items():
+            lines.append(f"  {MODES[mode]:>14}, {kind:<5}  rising {_fit_text(fit['rising'])};  "
+                         f"all {_fit_text(fit['all'])}")
+    return "\n".join(lines)
+
+
+def format_gain(gain: dict) -> str:
+    """Per region type: fused − no-question gain in points at each N, against the seeds' spread."""
+    lines = ["gain of question fusion (fused − no question, points; spread = sum of the modes' std over seeds):"]
+    for kind, result in gain.items():
+        cells = [f"N = {n}: {100 * g['gain']:+.1f} (spread {100 * g['spread']:.1f})"
+                 for n, g in result["per_budget"].items()]
+        lines.append(f"  {kind}: " + ", ".join(cells))
+        small = result["small_n"]
+        lines.append(f"    beats the spread at small N (< {DIGITS_NEEDED[kind]} tokens): "
+                     + (", ".join(f"N = {n}" for n in small) if small else "at no small N"))
     return "\n".join(lines)
 
 
 def format_honesty(check: dict) -> str:
     """The verdict on whether the fused / no-question gap is a token-budget effect, in plain words."""
-    plain = ", ".join(f"N = {n}: {100 * acc:.1f} %" for n, acc in check["plain_cell_at_n_ge_9"].items())
-    facts = (f"uncompressed baseline on cell questions {100 * check['baseline_cell']:.1f} % "
-             f"(needs >= {100 * check['baseline_floor']:.0f} %); no-question compressor with room for every "
-             f"cell: {plain} (needs to be within {100 * check['plain_margin']:.0f} points of the baseline)")
+    baseline = ", ".join(f"{k} {100 * a:.1f} %" for k, a in check["baseline"].items())
+    plain = "; ".join(f"N = {n}: " + ", ".join(f"{k} {100 * a:.1f} %" for k, a in at_n.items())
+                      for n, at_n in check["plain_at_n_ge_9"].items())
+    facts = (f"uncompressed baseline {baseline} (needs >= {100 * check['baseline_floor']:.0f} % on each); "
+             f"no-question compressor with room for every cell: {plain} (needs to be within "
+             f"{100 * check['plain_margin']:.0f} points of the baseline on each)")
     if check["budget_effect_reportable"]:
         return (f"honesty check PASSED: {facts}. The no-question compressor learns when it has room, so its "
                 "deficit at small N is a token-budget effect: a question-blind compressor must keep the whole "
@@ -120,35 +185,36 @@ def format_honesty(check: dict) -> str:
 
 
 def plot(summary: dict, fits: dict, chance: dict, budgets: tuple[int, ...], path: Path) -> Path:
-    """Cell-question accuracy vs N per mode (mean ± std over seeds), fitted power laws, baseline and chance."""
-    figure = Figure(figsize=(6.4, 4.4))
+    """Digit accuracy vs N, one panel per question type: both modes (mean ± std), the fused rising-range
+    power law, the uncompressed baseline and chance."""
+    figure = Figure(figsize=(12.0, 4.0))
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     n = np.array(budgets, dtype=float)
-    grid = np.geomspace(n.min(), n.max(), 200)
-    for index, (mode, label) in enumerate(MODES.items()):
-        color = f"C{index}"
-        stats = [summary[mode][str(b)]["cell"] for b in budgets]
-        axes.errorbar(n, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], fmt="o", color=color,
-                      capsize=3, label=label)
-        fit = fits[mode]
+    for index, (kind, axes) in enumerate(zip(QUESTION_TYPES, figure.subplots(1, len(QUESTION_TYPES), sharey=True))):
+        for color, (mode, label) in enumerate(MODES.items()):
+            stats = [summary[mode][str(b)][kind] for b in budgets]
+            axes.errorbar(n, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], fmt="o-", color=f"C{color}",
+                          capsize=3, linewidth=0.8, label=label)
+        fit = fits["fused"][kind]["rising"]
         if "error" not in fit:
-            predicted = np.exp(fit["beta"] - fit["alpha"] * np.log(grid))
-            axes.plot(grid, predicted, "-", color=color, alpha=0.7,
-                      label=f"fit: α = {fit['alpha']:.3f}, R² = {fit['r2']:.2f}")
-    axes.axhline(summary["plain"][ALL]["cell"]["mean"], color="black", linestyle="--", linewidth=1,
-                 label="no compression (9 cell tokens)")
-    axes.axhline(chance["cell"], color="grey", linestyle=":", linewidth=1, label="chance")
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(n, [str(b) for b in budgets])
-    axes.set_ylim(0, 1.02)
-    axes.set_xlabel("fused tokens per question N")
-    axes.set_ylabel("cell-question accuracy")
-    axes.set_title("digit grids: question fused vs no question")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+            grid = np.geomspace(min(fit["budgets"]), max(fit["budgets"]), 100)
+            axes.plot(grid, np.exp(fit["beta"] - fit["alpha"] * np.log(grid)), "--", color="C0",
+                      label=f"fused fit: α = {fit['alpha']:.2f}, R² = {fit['r2']:.2f}")
+        axes.axhline(summary["plain"][ALL][kind]["mean"], color="black", linestyle="--", linewidth=1,
+                     label="no compression (9 cell tokens)")
+        axes.axhline(chance[kind], color="grey", linestyle=":", linewidth=1, label="chance")
+        axes.set_xscale("log", base=2)
+        axes.set_xticks(n, [str(b) for b in budgets])
+        axes.set_ylim(0, 1.02)
+        axes.set_xlabel("fused tokens per question N")
+        axes.set_title(f"{kind} questions ({DIGITS_NEEDED[kind]} digit{'s' * (DIGITS_NEEDED[kind] > 1)})")
+        axes.grid(True, which="both", alpha=0.3)
+        if index == 0:
+            axes.set_ylabel("digit accuracy")
+        axes.legend(fontsize=7, loc="lower right")
+    figure.suptitle("digit grids: question fused vs no question")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     return path
 
 
