@@ -138,8 +138,8 @@ def stage_s1(ctx: Context) -> dict:
     """Compile in a subprocess without the interpreter (kernels are interpreted objects under it)."""
     from qfusion.ops.kernel_configs import table_arch
 
-    capability = ctx.result["stages"].get("S0", {}).get("capability")
-    arch = table_arch(tuple(capability)) if capability else 90
+    # The device's own generation (the smoke run has none: it compiles for sm_90).
+    arch = table_arch(torch.cuda.get_device_capability(0)) if ctx.device == "cuda" else 90
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.json"
         command = [sys.executable, "-m", "qfusion.ops.compile_check", "--arch", str(arch), "--json", str(rows_path)]
