@@ -339,6 +339,29 @@ def test_transposed_lists_of_the_backward_hold_the_same_pairs():
     assert layout.meta.max_seqlen == 153 and plan.fwd.full_idx.shape[1:] == (5, 10)  # ceil(153/32), ceil(153/16)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is observable on CUDA only")
+def test_tile_lists_are_built_without_host_synchronisation():
+    layout = pack([37, 130], [[1, 20, 17], [3]], m=20, n=9, policy="grouped", device=DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        plan = build_plan(layout.meta, layout.meta, "grouped", KernelConfig.uniform(32, 32))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert plan.fwd.full_idx.is_cuda
+
+
+def test_inference_builds_the_forward_lists_only():
+    layout = pack([37, 20], [[1, 5], [3]], m=5, n=3, policy="prefix")
+    config = KernelConfig(PassConfig(32, 16), PassConfig(16, 32), PassConfig(16, 16))
+    plan = build_plan(layout.meta, layout.meta, "prefix", config, backward=False)
+    assert plan.dkdv is plan.fwd and plan.dq is plan.fwd
+    full = build_plan(layout.meta, layout.meta, "prefix", config)
+    # max_seqlen 51: ceil(51 / 32) key tiles, each listing up to ceil(51 / 16) query tiles
+    assert layout.meta.max_seqlen == 51 and full.dkdv.full_idx.shape[1:] == (2, 4)
+    assert torch.equal(full.fwd.part_num, plan.fwd.part_num)
+
+
 def test_tile_skipping_is_exact_for_plain_causal():
     meta = pack([255], [[0]], m=1, n=1, policy="causal").meta  # 256 tokens, 16 tiles of 16
     # executed: the lower triangle with its diagonal; unmasked: strictly below the diagonal
