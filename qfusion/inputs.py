@@ -128,7 +128,9 @@ def visual_kinds(blocks: list[tuple[int, int, int]]) -> list[int]:
     kinds: dict[int, int] = {}
     for visual, token, _ in blocks:
         if kinds.setdefault(visual, token) != token:
-            raise ValueError(f"input_ids: visual input {visual} has placeholders of two kinds ({kinds[visual]}, {token})")
+            raise ValueError(
+                f"input_ids: visual input {visual} has placeholders of two kinds ({kinds[visual]}, {token})"
+            )
     return [kinds[v] for v in range(len(kinds))]
 
 

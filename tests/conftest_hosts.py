@@ -340,7 +340,8 @@ class VideoHostProcessor:
         images = AutoImageProcessor.from_pretrained(directory)
         frames = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
                                        image_mean=images.image_mean, image_std=images.image_std)
-        return cls(AutoTokenizer.from_pretrained(directory), images, StackedFramesProcessor(frames), "<image>", "<video>")
+        return cls(AutoTokenizer.from_pretrained(directory), images, StackedFramesProcessor(frames),
+                   "<image>", "<video>")
 
 
 class StackedFramesProcessor:
@@ -399,7 +400,8 @@ def build_qwen3_vl(directory):
 
 
 def build_llava_onevision(directory):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessorPil)
 
     pinpoints = [[28, 28], [28, 56], [56, 28], [56, 56]]
     config = LlavaOnevisionConfig(vision_config=clip_vision(28), text_config=llama(), image_token_index=IMAGE_TOKEN_ID,

@@ -225,8 +225,9 @@ class LlavaAdapter(HostAdapter):
         outputs = {}
         if per_kind[self.image_token_id]:
             outputs["image"] = BaseModelOutputWithPooling(pooler_output=per_kind[self.image_token_id])
-        if self.is_onevision and per_kind[self.placeholder_ids[1]]:  # the host flattens (videos, tokens)
-            outputs["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(per_kind[self.placeholder_ids[1]])[None])
+        clips = per_kind[self.placeholder_ids[1]] if self.is_onevision else []
+        if clips:  # the host flattens (videos, tokens): one row of all the video runs
+            outputs["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(clips)[None])
         return outputs
 
     def _with_fused_tokens(self, args: dict, qfusion: QFusionArguments) -> dict:
@@ -254,6 +255,8 @@ def _in_prompt_order(kinds: list[int], image_token_id: int, images: list[Tensor]
     for name, given, wanted in (("pixel_values", len(images), sum(k == image_token_id for k in kinds)),
                                 ("pixel_values_videos", len(videos), sum(k != image_token_id for k in kinds))):
         if given != wanted:
-            raise ValueError(f"{name}: the prompts have {wanted} placeholder block(s) of its kind, the inputs hold {given}")
+            raise ValueError(
+                f"{name}: the prompts have {wanted} placeholder block(s) of its kind, the inputs hold {given}"
+            )
     images, videos = iter(images), iter(videos)
     return [next(images) if kind == image_token_id else next(videos) for kind in kinds]

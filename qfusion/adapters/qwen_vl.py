@@ -102,7 +102,8 @@ class QwenVLAdapter(HostAdapter):
         host = self.model.model
         per_kind = {IMAGE: [], VIDEO: []}
         if pixel_values is not None:
-            per_kind[IMAGE] = list(host.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+            per_kind[IMAGE] = list(host.get_image_features(pixel_values, image_grid_thw,
+                                                           return_dict=True).pooler_output)
         if pixel_values_videos is not None:
             per_kind[VIDEO] = list(host.get_video_features(pixel_values_videos, video_grid_thw,
                                                            return_dict=True).pooler_output)
@@ -159,7 +160,8 @@ class QwenVLAdapter(HostAdapter):
             return args
         if args.get("mm_encoder_outputs") is not None:
             raise ValueError(
-                "mm_encoder_outputs: pass either precomputed embeddings or pixel values with qfusion_input_ids, not both"
+                "mm_encoder_outputs: pass either precomputed embeddings or pixel values with qfusion_input_ids, "
+                "not both"
             )
         if args.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds: not supported with qfusion inputs; pass input_ids")
@@ -196,7 +198,8 @@ class QwenVLAdapter(HostAdapter):
             rows = torch.cat(sample_tokens).to(device=embed.device, dtype=embed.dtype)
             for (_, token, _), piece in zip(sample_runs, rows.split([length for _, _, length in sample_runs])):
                 per_kind[IMAGE if token == self.image_token_id else VIDEO].append(piece)
-        outputs = {kind: BaseModelOutputWithPooling(pooler_output=pieces) for kind, pieces in per_kind.items() if pieces}
+        outputs = {kind: BaseModelOutputWithPooling(pooler_output=pieces)
+                   for kind, pieces in per_kind.items() if pieces}
         if self.has_deepstack:
             for output in outputs.values():
                 output["deepstack_features"] = []  # the deepstack rule: off for fused tokens

@@ -3,10 +3,11 @@
     lmms-eval --model qfusion \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,plugin=path/to/plugin --tasks mme
 
-``pretrained`` is the host checkpoint (LLaVA, LLaVA-NeXT, BLIP-2 or InstructBLIP), ``plugin`` a
-directory written by ``adapter.save_pretrained`` (and ``QFusionProcessor.save_pretrained``). One image
-per request; the request's text is the question, rendered with the host's chat template when it
-has one.
+``pretrained`` is the host checkpoint (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, BLIP-2 or InstructBLIP), ``plugin`` a directory written by ``adapter.save_pretrained`` (and
+``QFusionProcessor.save_pretrained``). A request's visuals are its images (and, for hosts with video,
+its videos: the file paths or frame arrays lmms-eval's video tasks give), all before its question;
+the request's text is the question, rendered with the host's chat template when it has one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def _dtype(value: str | torch.dtype):
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype: expected 'auto' or a torch dtype name such as 'bfloat16', got {value!r}")
     return dtype
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return " ".join(item["text"] for item in content if item.get("type") == "text")
 
 
 class QFusionLMM(lmms):
@@ -99,30 +106,46 @@ class QFusionLMM(lmms):
         host = self.processor.host
         return bool(getattr(host, "chat_template", None) or getattr(host.tokenizer, "chat_template", None))
 
-    def _image(self, request_args) -> Any:
+    def _visuals(self, request_args) -> tuple[list, list]:
+        """(images, videos) of a request: video file paths (and frame arrays) are videos, the rest images."""
         *_, doc_to_visual, doc_id, task, split = request_args
         visuals = doc_to_visual(self.task_dict[task][split][doc_id])
         visuals = [v for v in (visuals if isinstance(visuals, (list, tuple)) else [visuals]) if v is not None]
-        if len(visuals) != 1:
-            raise ValueError(
-                f"qfusion model: expected one image per request, got {len(visuals)} ({task}, doc {doc_id})"
-            )
-        return visuals[0]
+        if not visuals:
+            raise ValueError(f"qfusion model: expected at least one image or video per request ({task}, doc {doc_id})")
+        is_video = [isinstance(v, (str, os.PathLike)) or getattr(v, "ndim", 0) == 4 for v in visuals]
+        return ([v for v, video in zip(visuals, is_video) if not video],
+                [v for v, video in zip(visuals, is_video) if video])
+
+    @staticmethod
+    def _first_turn(question: str, images: list, videos: list) -> dict:
+        """The first user turn: its image and video items, then the question."""
+        items = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos)
+        return {"role": "user", "content": items + [{"type": "text", "text": question}]}
 
     @staticmethod
     def _question(context: str) -> str:
-        return context.replace("<image>", "").strip()
+        return context.replace("<image>", "").replace("<video>", "").strip()
 
-    def _inputs(self, images: list, conversations: list[list[dict]], **kwargs):
+    def _inputs(self, visuals: list[tuple[list, list]], conversations: list[list[dict]], **kwargs):
+        """Model inputs of a batch; visuals: per sample its (images, videos)."""
+        images = [v[0] or None for v in visuals]
+        videos = [v[1] or None for v in visuals]
         if self.has_chat_template:
-            batch = self.processor(images=images, conversations=conversations, padding_side="left", **kwargs)
-        else:  # plain questions: every user turn in order
-            questions = [[m["content"] for m in c if m["role"] == "user"] for c in conversations]
-            batch = self.processor(images=images, questions=questions, padding_side="left", **kwargs)
+            batch = self.processor(images=None if not any(images) else images,
+                                   videos=None if not any(videos) else videos,
+                                   conversations=conversations, padding_side="left", **kwargs)
+        else:  # plain questions: every user turn in order, one image per sample
+            if any(len(i or ()) != 1 for i in images) or any(videos):
+                raise ValueError("qfusion model: a host processor without a chat template takes one image per request")
+            questions = [[_text(m["content"]) for m in c if m["role"] == "user"] for c in conversations]
+            batch = self.processor(images=[i[0] for i in images], questions=questions, padding_side="left", **kwargs)
         dtype = self.model.dtype
-        return {k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device) for k, v in batch.items()}
+        return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device))
+                if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def _generate(self, images: list, conversations: list[list[dict]], gen_kwargs: dict, cache=None) -> list[str]:
+    def _generate(self, visuals: list[tuple[list, list]], conversations: list[list[dict]], gen_kwargs: dict,
+                  cache=None) -> list[str]:
         gen_kwargs = dict(gen_kwargs)
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
@@ -132,7 +155,7 @@ class QFusionLMM(lmms):
         if temperature > 0:
             settings.update(temperature=temperature, top_p=gen_kwargs.pop("top_p", None))
         tokenizer = self.processor.tokenizer
-        inputs = self._inputs(images, conversations)
+        inputs = self._inputs(visuals, conversations)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **settings, qfusion_cache=cache,
                                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -152,9 +175,9 @@ class QFusionLMM(lmms):
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
                 args = [requests[i].args for i in chunk]
-                images = [self._image(a) for a in args]
-                conversations = [[{"role": "user", "content": self._question(a[0])}] for a in args]
-                for i, text in zip(chunk, self._generate(images, conversations, args[0][1])):
+                visuals = [self._visuals(a) for a in args]
+                conversations = [[self._first_turn(self._question(a[0]), *v)] for a, v in zip(args, visuals)]
+                for i, text in zip(chunk, self._generate(visuals, conversations, args[0][1])):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), text)
         return results
@@ -165,11 +188,12 @@ class QFusionLMM(lmms):
             context, target, *_ = request.args
             *_, doc_id, task, split = request.args
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
-            conversation = [{"role": "user", "content": self._question(context)},
+            visuals = self._visuals(request.args)
+            conversation = [self._first_turn(self._question(context), *visuals),
                             {"role": "assistant", "content": continuation}]
             if not self.has_chat_template:
                 raise ValueError("qfusion model: loglikelihood needs a host processor with a chat template")
-            batch = self._inputs([self._image(request.args)], [conversation], return_labels=True)
+            batch = self._inputs([visuals], [conversation], return_labels=True)
             labels = batch.pop("labels")
             labels[labels == self.processor.tokenizer.eos_token_id] = -100  # score the continuation only
             with torch.inference_mode():
@@ -185,7 +209,7 @@ class QFusionLMM(lmms):
         for request in requests:
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
-            image = self._image((doc_to_visual, doc_id, task, split))
+            visuals = self._visuals((doc_to_visual, doc_id, task, split))
             cache, conversation, answers, info, round_idx = FusionCache(), [], [], None, 0
             while True:
                 if round_idx:
@@ -194,8 +218,10 @@ class QFusionLMM(lmms):
                     answers = list(answers)
                     if terminal:
                         break
-                conversation.append({"role": "user", "content": self._question(context)})
-                answer = self._generate([image], [conversation], gen_kwargs, cache)[0]
+                question = self._question(context)
+                conversation.append(self._first_turn(question, *visuals) if not round_idx
+                                    else {"role": "user", "content": question})
+                answer = self._generate([visuals], [conversation], gen_kwargs, cache)[0]
                 conversation.append({"role": "assistant", "content": answer})
                 answers.append(answer)
                 round_idx += 1
