@@ -25,7 +25,7 @@ from qfusion.inputs import (check_budget, check_placeholders, encode_image_count
 from qfusion.vision import hd_views
 
 PROCESSOR_CONFIG_NAME = "qfusion_processor.json"
-VISION_WRAP = ("<|vision_start|>", "<|vision_end|>")
+QWEN_VISION_MARKERS = ("<|vision_start|>", "<|vision_end|>")
 QUESTION_TOKENIZER_DIR = "question_tokenizer"
 
 
@@ -81,6 +81,8 @@ class QFusionProcessor:
     question_special_tokens: add the question tokenizer's special tokens to each question (default:
         only for a separate tokenizer).
     max_question_length: truncate questions to this many tokens (default: no truncation).
+    vision_markers: (start, end) tokens around every visual input's placeholder run (default: the
+        attached adapter's, ``<|vision_start|>`` / ``<|vision_end|>`` for Qwen-VL hosts, none for others).
 
     ``__call__`` returns a ``BatchFeature`` with ``input_ids``, ``attention_mask``, the image
     processor's outputs (``pixel_values``, ...), ``qfusion_input_ids``, ``qfusion_attention_mask``
@@ -91,7 +93,7 @@ class QFusionProcessor:
     def __init__(self, host_processor, model=None, *, m: int | None = None, n: int | None = None,
                  image_prefix: int | None = None, hd_grid: tuple[int, int] | None = None,
                  question_tokenizer=None, question_special_tokens: bool | None = None,
-                 max_question_length: int | None = None):
+                 max_question_length: int | None = None, vision_markers: tuple[str, str] | None = None):
         tokenizer = getattr(host_processor, "tokenizer", None)
         if tokenizer is None or getattr(host_processor, "image_processor", None) is None:
             raise TypeError(
@@ -108,10 +110,18 @@ class QFusionProcessor:
         video = getattr(host_processor, "video_token", None)
         self.video_token = None if video is None else str(getattr(video, "content", video))
         self.video_token_id = None if video is None else tokenizer.convert_tokens_to_ids(self.video_token)
-        vocab = tokenizer.get_vocab()
-        # Qwen-VL hosts wrap every visual input's placeholders in these (its M-RoPE groups runs by them)
-        self.vision_wrap = (VISION_WRAP if all(token in vocab for token in VISION_WRAP) and video is not None
-                            else None)
+        if vision_markers is None and model is not None:
+            from qfusion.adapters import get_adapter
+
+            vision_markers = getattr(get_adapter(model), "vision_markers", None)
+        if vision_markers is None and type(host_processor).__name__.startswith("Qwen"):
+            vision_markers = QWEN_VISION_MARKERS
+        if vision_markers is not None:
+            vision_markers = tuple(vision_markers)
+            missing = [t for t in vision_markers if t not in tokenizer.get_vocab()]
+            if len(vision_markers) != 2 or missing:
+                raise ValueError(f"vision_markers: expected (start, end) tokens of the tokenizer, got {vision_markers!r}")
+        self.vision_wrap = vision_markers
         if model is not None:
             from qfusion.adapters import get_adapter
 

@@ -16,6 +16,7 @@ from qfusion.inputs import decode_questions
 
 KINDS = ["qwen2_5_vl", "qwen3_vl"]
 PLACEHOLDERS = (IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID)
+MARKERS = ("<|vision_start|>", "<|vision_end|>")
 SPECIAL = [IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, 6, 7]  # a trained host never writes vision tokens; random ones may
 
 CONVERSATION = [
@@ -198,7 +199,7 @@ def test_qwen3_deepstack_features_are_off_for_fused_tokens(hosts):
     model = hosts.model("qwen3_vl")
     host_processor = hosts.processor("qwen3_vl")
     picture = images(1)
-    plain = QFusionProcessor(host_processor, m=6, n=1)  # as many placeholders as the image has merged tokens
+    plain = QFusionProcessor(host_processor, m=6, n=1, vision_markers=MARKERS)  # the image's 6 merged tokens
     records, handle = llm_calls(model)
     with torch.no_grad():
         host_inputs = {k: v for k, v in plain(images=picture, questions="what is this ?").items()
@@ -227,7 +228,7 @@ def test_qwen3_deepstack_features_are_off_for_fused_tokens(hosts):
 @pytest.mark.parametrize("kind", KINDS)
 def test_detach_restores_the_host_exactly(hosts, kind):
     model = hosts.model(kind)
-    plain = QFusionProcessor(hosts.processor(kind), m=6, n=1)  # the image's 6 merged tokens
+    plain = QFusionProcessor(hosts.processor(kind), m=6, n=1, vision_markers=MARKERS)  # the image's 6 merged tokens
     host_inputs = {k: v for k, v in plain(images=images(1), questions="what is this ?").items()
                    if not k.startswith("qfusion_")}
     with torch.no_grad():

@@ -77,6 +77,11 @@ class QwenVLAdapter(HostAdapter):
         return self.image_token_id, self.video_token_id
 
     @property
+    def vision_markers(self) -> tuple[str, str]:
+        """The tokens around every placeholder run (the host's M-RoPE takes each run as one grid)."""
+        return "<|vision_start|>", "<|vision_end|>"
+
+    @property
     def merge_size(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)
 
