@@ -188,3 +188,12 @@ def test_bf16_host_and_refused_tower_source(hosts):
     with pytest.raises(ValueError, match=r"pixel_values: the prompts have 0 placeholder block\(s\) of its kind"):
         model(**dict(batch, pixel_values_videos=None, pixel_values=torch.zeros(1, 5, 3, 28, 28),
                      image_sizes=torch.tensor([[28, 28]])))
+
+
+def test_a_placeholder_block_mixing_image_and_video_ids_is_refused(hosts):
+    model, adapter, processor = attached(hosts)
+    batch = dict(processor(images=[[images(1)[0]]], videos=[[videos(1)[0]]], conversations=[MIXED[:1]]))
+    ids = batch["input_ids"].clone()
+    ids[0, (ids[0] == VIDEO_TOKEN_ID).nonzero()[0]] = IMAGE_TOKEN_ID  # the video's first placeholder turned image
+    with pytest.raises(ValueError, match="placeholders of visual input 1 mix the ids"):
+        model(**dict(batch, input_ids=ids))

@@ -324,3 +324,18 @@ def test_bad_inputs_raise_clearly(hosts):
     with pytest.raises(ValueError, match="no video token"):
         QFusionProcessor(hosts.processor("llava"), m=4, n=2)(videos=[videos(1)[0]],
                                                              conversations=[VIDEO_CONVERSATION])
+
+
+def test_processor_writes_one_marked_run_per_visual_input_and_question(hosts):
+    model, adapter, processor = attached(hosts, "qwen2_5_vl")
+    m = adapter.budget[0]
+    batch = processor(images=[[images(1)[0]]], videos=[videos(2, frames=2)], conversations=[MIXED])
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    image, video = "<|image_pad|>", "<|video_pad|>"
+    first = f"<|vision_start|>{image * m}<|vision_end|><|vision_start|>{video * m}<|vision_end|>"
+    later = f"<|vision_start|>{video * m}<|vision_end|>"  # the rule: turn 2 is about the video it brings
+    assert text.replace(" ", "").count((first + "whatisthis?").replace(" ", "")) == 1
+    assert text.replace(" ", "").count((later + "whatcolorisit?").replace(" ", "")) == 1
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == IMAGE_TOKEN_ID).int()
+                       + 2 * (batch["input_ids"] == QWEN_VIDEO_TOKEN_ID).int())
+    assert batch["video_grid_thw"].shape == (2, 3) and batch["image_grid_thw"].shape == (1, 3)
