@@ -94,3 +94,25 @@ def test_goal_table_counts_a_missing_measurement_as_missed():
     rows = [r for r in goal_rows(1.0, 1.5, 2.0) if r["impl"] != "flex"]
     missing = [g for g in goal_table(rows) if g["goal"] == "fusion fwd+bwd vs flex"]
     assert missing and all(g["value"] is None and not g["met"] for g in missing)
+
+
+def test_a_failing_implementation_is_recorded_and_the_others_still_run(monkeypatch):
+    import bench_attention
+
+    class OutOfResources(Exception):  # like Triton's: not a RuntimeError
+        pass
+
+    def failing():
+        raise OutOfResources("out of resource: shared memory, Required: 262144")
+
+    real = bench_attention.runners
+
+    def with_failure(*args, **kwargs):
+        return {"broken": (failing, (), None), **real(*args, **kwargs)}
+
+    monkeypatch.setattr(bench_attention, "runners", with_failure)
+    case = Case(1, 1, 16, "causal", vision=20, questions=1, m=4)
+    rows = bench_attention.measure_case(case, {"eager"}, "cpu", torch.float32, bench_attention.timer("cpu", 0, 1))
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["broken"]["note"].startswith("failed: OutOfResources: out of resource")
+    assert "fwd_ms" in by_impl["eager"] and by_impl["eager"]["max_abs_error_vs_math"] < 1e-5
