@@ -47,6 +47,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
+# Only the layout and the kernel are needed here: load qfusion's modules without running the
+# package's __init__ (the adapters and their host libraries, which a GPU image may lack or hold in
+# other versions). Where qfusion is already imported (a test), it is used as it is.
+BARE_PACKAGE = (f"import sys, types; package = types.ModuleType('qfusion'); package.__path__ = [{str(ROOT / 'qfusion')!r}]; "
+                "sys.modules.setdefault('qfusion', package)")
+if "qfusion" not in sys.modules:
+    exec(BARE_PACKAGE)
+
 from bench_attention import (  # noqa: E402
     GOAL_FUSION, Case, flex_runner, goal_table, print_goals, sdpa_runner, timer, varlen_runner,
 )
@@ -116,7 +124,8 @@ def stage_s0(ctx: Context) -> dict:
     import triton
 
     info = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, device=ctx.device, smoke=ctx.smoke, git=_git_revision())
+                cuda=torch.version.cuda, device=ctx.device, smoke=ctx.smoke, git=_git_revision(),
+                host_libraries_loaded=sorted(m for m in ("transformers", "peft", "huggingface_hub") if m in sys.modules))
     if ctx.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(name=props.name, capability=list(torch.cuda.get_device_capability(0)),
@@ -142,7 +151,8 @@ def stage_s1(ctx: Context) -> dict:
     arch = table_arch(torch.cuda.get_device_capability(0)) if ctx.device == "cuda" else 90
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.json"
-        command = [sys.executable, "-m", "qfusion.ops.compile_check", "--arch", str(arch), "--json", str(rows_path)]
+        main = "from qfusion.ops.compile_check import main; sys.exit(main(sys.argv[1:]))"
+        command = [sys.executable, "-c", f"{BARE_PACKAGE}; {main}", "--arch", str(arch), "--json", str(rows_path)]
         command += ["--limit", "1"] if ctx.smoke else ["--full", "--jobs", str(max(os.cpu_count() or 1, 1))]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])

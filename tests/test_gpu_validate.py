@@ -34,6 +34,7 @@ def test_smoke_run_completes_every_stage(tmp_path):
     assert [s for s in stages] == ["S0", "S1", "S2", "S3", "S4", "S5"]
     assert {name: stage["status"] for name, stage in stages.items()} == {name: "ok" for name in stages}
     assert stages["S0"]["matmul_peak_tflops"] and stages["S0"]["triton"]
+    assert stages["S0"]["host_libraries_loaded"] == []  # runs with torch and triton alone
     assert stages["S1"]["compiled"] >= 1 and stages["S1"]["problems"] == []
     assert stages["S2"]["passed"] == stages["S2"]["total"] >= 6
     assert {r["case"] for r in stages["S2"]["rows"]} >= {"ragged", "ask", "no-key rows", "d=80"}
