@@ -20,7 +20,7 @@ stages first:
 * S4 a short sweep of forward / backward configs at the fusion shape;
 * S5 a summary table of the goals, met or missed.
 
-Needs only the repository on ``PYTHONPATH`` (torch and triton from the image)::
+Needs only the repository on ``PYTHONPATH`` and torch, triton and einops on the machine::
 
     PYTHONPATH=. python benchmarks/gpu_validate.py [--stages S0,S2] [--budget 450] [--out PATH]
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/gpu_validate.py --smoke   # CPU, tiny sizes
