@@ -1,13 +1,15 @@
 """QFusionProcessor: a host processor's inputs for a model with a qfusion plugin attached.
 
-The host processors (``LlavaProcessor``, ``LlavaNextProcessor``, ``Blip2Processor``,
-``InstructBlipProcessor``) expand every image into as many placeholders as the host has vision
-tokens. With the plugin a sample with G questions needs m placeholders right before its first
-question and n before each later one (BLIP ``augment``: the Q-Former's tokens first), and the
-questions themselves as ``qfusion_input_ids`` / ``qfusion_attention_mask`` of shape
-(B, G_max, L_max). This wrapper builds both from the host's chat ``conversations`` (the user turns
-are the questions) or from plain question strings, and the images through the host's image
-processor (or as HD views for an HD front-end).
+The host processors (``LlavaProcessor``, ``LlavaNextProcessor``, ``LlavaOnevisionProcessor``,
+``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``, ``Blip2Processor``, ``InstructBlipProcessor``) expand
+every image (and video) into as many placeholders as the host has vision tokens. With the plugin a
+sample with G questions needs m placeholders right before its first question and n before each later
+one (BLIP ``augment``: the Q-Former's tokens first), and the questions themselves as
+``qfusion_input_ids`` / ``qfusion_attention_mask`` of shape (B, G_max, L_max). This wrapper
+builds both from the host's chat ``conversations`` (the user turns are the questions) or from plain
+question strings, the images through the host's image processor (or as HD views for an HD
+front-end) and the videos through its video processor. Qwen-VL hosts get every visual input's run
+between ``<|vision_start|>`` and ``<|vision_end|>`` and the ``mm_token_type_ids`` their M-RoPE reads.
 """
 
 from __future__ import annotations
@@ -120,7 +122,9 @@ class QFusionProcessor:
             vision_markers = tuple(vision_markers)
             missing = [t for t in vision_markers if t not in tokenizer.get_vocab()]
             if len(vision_markers) != 2 or missing:
-                raise ValueError(f"vision_markers: expected (start, end) tokens of the tokenizer, got {vision_markers!r}")
+                raise ValueError(
+                    f"vision_markers: expected (start, end) tokens of the tokenizer, got {vision_markers!r}"
+                )
         self.vision_wrap = vision_markers
         if model is not None:
             from qfusion.adapters import get_adapter
