@@ -197,3 +197,17 @@ def test_a_placeholder_block_mixing_image_and_video_ids_is_refused(hosts):
     ids[0, (ids[0] == VIDEO_TOKEN_ID).nonzero()[0]] = IMAGE_TOKEN_ID  # the video's first placeholder turned image
     with pytest.raises(ValueError, match="placeholders of visual input 1 mix the ids"):
         model(**dict(batch, input_ids=ids))
+
+
+def test_lora_with_the_plugin_on_video_prompts(hosts):
+    from peft import get_peft_model
+
+    model, _, processor = attached(hosts)
+    peft_model = get_peft_model(model, qfusion.lora_config(model, r=4))
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    for name in trainable:
+        assert ("lora_" in name and ".language_model." in name) or ".qfusion.modules_to_save." in name, name
+    batch = processor(videos=[videos(1)[0]], conversations=[VIDEO_CONVERSATION[:2]], return_labels=True)
+    peft_model(**batch).loss.backward()
+    assert model.qfusion.modules_to_save["default"].codebook.weight.grad is not None
+    assert all(p.grad is None for name, p in peft_model.named_parameters() if not p.requires_grad)

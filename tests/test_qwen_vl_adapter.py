@@ -270,10 +270,11 @@ def test_save_then_attach_round_trip_is_bit_exact(hosts, kind, tmp_path):
         assert torch.equal(fresh(**again).logits, trained)
 
 
-def test_lora_trains_only_lora_and_the_plugin_copy(hosts):
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_trains_only_lora_and_the_plugin_copy(hosts, kind):
     from peft import get_peft_model
 
-    model, _, processor = attached(hosts, "qwen2_5_vl")
+    model, _, processor = attached(hosts, kind)
     peft_model = get_peft_model(model, qfusion.lora_config(model, r=4))
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     for name in trainable:
