@@ -134,6 +134,24 @@ def visual_kinds(blocks: list[tuple[int, int, int]]) -> list[int]:
     return [kinds[v] for v in range(len(kinds))]
 
 
+def in_prompt_order(kinds: Sequence[int], features: dict[int, list], names: dict[int, str]) -> list:
+    """The features of every visual input of a batch in prompt order, from each kind's features in
+    that kind's order (hosts encode images and videos apart).
+
+    kinds: per visual input in prompt order, its placeholder id (:func:`visual_kinds`).
+    features: placeholder id -> that kind's features; names: placeholder id -> the input's name (errors).
+    """
+    for kind, given in features.items():
+        wanted = sum(k == kind for k in kinds)
+        if len(given) != wanted:
+            raise ValueError(
+                f"{names[kind]}: the prompts have {wanted} placeholder block(s) of its kind, the inputs hold "
+                f"{len(given)}"
+            )
+    taken = {kind: iter(given) for kind, given in features.items()}
+    return [next(taken[kind]) for kind in kinds]
+
+
 def check_placeholders(input_ids: Tensor, token_id: int, num_questions: Sequence[int], budget: tuple[int, int],
                        prefix: int = 0, name: str = "input_ids", image_counts=None) -> None:
     """Raise unless every sample's placeholders form exactly the runs its questions (and images) need.

@@ -190,7 +190,7 @@ def test_mixed_image_and_video_prompts_batched_equal_each_alone(hosts, kind):
         assert torch.equal(together[b, : generated.numel()], generated)
         with torch.no_grad():
             torch.testing.assert_close(model(**alone).logits[0, -1], logits[b], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="pixel_values_videos: the prompts have 3 video"):
+    with pytest.raises(ValueError, match=r"pixel_values_videos: the prompts have 3 placeholder block\(s\) .* hold 1"):
         model(**dict(batch, pixel_values_videos=batch["pixel_values_videos"][:16],
                      video_grid_thw=batch["video_grid_thw"][:1]))
 
@@ -315,7 +315,7 @@ def test_bad_inputs_raise_clearly(hosts):
         model(**dict(batch, qfusion_input_ids=None, qfusion_attention_mask=None))
     with pytest.raises(ValueError, match="image_grid_thw / video_grid_thw: required"):
         model(**dict(batch, image_grid_thw=None))
-    with pytest.raises(ValueError, match=r"pixel_values: the prompts have 1 image\(s\) .* the inputs hold 2"):
+    with pytest.raises(ValueError, match=r"pixel_values: the prompts have 1 placeholder block\(s\) .* hold 2"):
         model(**dict(batch, pixel_values=torch.cat([batch["pixel_values"]] * 2),
                      image_grid_thw=torch.cat([batch["image_grid_thw"]] * 2)))
     merged = batch["input_ids"].clone()

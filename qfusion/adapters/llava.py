@@ -32,7 +32,7 @@ from torch import Tensor
 
 from qfusion.adapters.base import HostAdapter
 from qfusion.adapters.patching import QFusionArguments
-from qfusion.inputs import visual_blocks, visual_kinds
+from qfusion.inputs import in_prompt_order, visual_blocks, visual_kinds
 
 
 class LlavaAdapter(HostAdapter):
@@ -207,7 +207,11 @@ class LlavaAdapter(HostAdapter):
             images = [] if pixel_values is None else self.encode(pixel_values, args.get("image_sizes"), layer, strategy,
                                                                  args.get("batch_num_images"))
             clips = [] if videos is None else self.encode_videos(videos, layer, strategy)
-            return _in_prompt_order(kinds, self.image_token_id, images, clips), None
+            features = {self.image_token_id: images}
+            if self.is_onevision:
+                features[self.placeholder_ids[1]] = clips
+            names = dict(zip(self.placeholder_ids, ("pixel_values", "pixel_values_videos")))
+            return in_prompt_order(kinds, features, names), None
 
         key = pixel_values if videos is None else videos if pixel_values is None else \
             torch.cat([pixel_values.flatten(), videos.flatten()])
@@ -249,14 +253,3 @@ class LlavaAdapter(HostAdapter):
             args = self._with_fused_tokens(args, qfusion)
         return self.host_method("generate")(**args)
 
-
-def _in_prompt_order(kinds: list[int], image_token_id: int, images: list[Tensor], videos: list[Tensor]) -> list[Tensor]:
-    """The features of every visual input in prompt order, from the images' and the videos' in theirs."""
-    for name, given, wanted in (("pixel_values", len(images), sum(k == image_token_id for k in kinds)),
-                                ("pixel_values_videos", len(videos), sum(k != image_token_id for k in kinds))):
-        if given != wanted:
-            raise ValueError(
-                f"{name}: the prompts have {wanted} placeholder block(s) of its kind, the inputs hold {given}"
-            )
-    images, videos = iter(images), iter(videos)
-    return [next(images) if kind == image_token_id else next(videos) for kind in kinds]

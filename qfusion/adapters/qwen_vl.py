@@ -34,9 +34,7 @@ from torch import Tensor
 
 from qfusion.adapters.base import HostAdapter
 from qfusion.adapters.patching import QFusionArguments
-from qfusion.inputs import placeholder_runs, visual_blocks, visual_kinds
-
-IMAGE, VIDEO = "image", "video"
+from qfusion.inputs import in_prompt_order, placeholder_runs, visual_blocks, visual_kinds
 
 
 class QwenVLAdapter(HostAdapter):
@@ -99,28 +97,18 @@ class QwenVLAdapter(HostAdapter):
     # ------------------------------------------------------------------ vision features
 
     def encode(self, pixel_values: Tensor | None, image_grid_thw: Tensor | None, pixel_values_videos: Tensor | None,
-               video_grid_thw: Tensor | None, kinds: list[str]) -> list[Tensor]:
+               video_grid_thw: Tensor | None, kinds: list[int]) -> list[Tensor]:
         """The host's merged vision features per visual input, (V_i, hidden), in prompt order.
 
-        kinds: per visual input of the batch in prompt order, "image" or "video".
+        kinds: per visual input of the batch in prompt order, its placeholder id (image or video).
         """
         host = self.model.model
-        per_kind = {IMAGE: [], VIDEO: []}
-        if pixel_values is not None:
-            per_kind[IMAGE] = list(host.get_image_features(pixel_values, image_grid_thw,
-                                                           return_dict=True).pooler_output)
-        if pixel_values_videos is not None:
-            per_kind[VIDEO] = list(host.get_video_features(pixel_values_videos, video_grid_thw,
-                                                           return_dict=True).pooler_output)
-        for kind, name in ((IMAGE, "pixel_values"), (VIDEO, "pixel_values_videos")):
-            wanted = kinds.count(kind)
-            if len(per_kind[kind]) != wanted:
-                raise ValueError(
-                    f"{name}: the prompts have {wanted} {kind}(s) (their placeholder runs), the inputs "
-                    f"hold {len(per_kind[kind])}"
-                )
-        taken = {IMAGE: iter(per_kind[IMAGE]), VIDEO: iter(per_kind[VIDEO])}
-        return [next(taken[kind]) for kind in kinds]
+        images = [] if pixel_values is None else list(
+            host.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+        videos = [] if pixel_values_videos is None else list(
+            host.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True).pooler_output)
+        return in_prompt_order(kinds, {self.image_token_id: images, self.video_token_id: videos},
+                               {self.image_token_id: "pixel_values", self.video_token_id: "pixel_values_videos"})
 
     # ------------------------------------------------------------------ placeholder runs
 
@@ -179,7 +167,7 @@ class QwenVLAdapter(HostAdapter):
         budget = self.call_budget(qfusion)
         questions, image_counts = self.questions(qfusion, input_ids, budget)
         runs = self.runs(input_ids, questions, image_counts, budget)
-        kinds = [IMAGE if token == self.image_token_id else VIDEO for sample in runs for token in visual_kinds(sample)]
+        kinds = [token for sample in runs for token in visual_kinds(sample)]
         image_grid, video_grid = args.get("image_grid_thw"), args.get("video_grid_thw")
         if pixel_values is not None and image_grid is None or videos is not None and video_grid is None:
             raise ValueError("image_grid_thw / video_grid_thw: required with pixel_values / pixel_values_videos "
@@ -198,13 +186,14 @@ class QwenVLAdapter(HostAdapter):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         embed = self.model.get_input_embeddings().weight
-        per_kind = {IMAGE: [], VIDEO: []}
+        per_kind: dict[int, list[Tensor]] = {self.image_token_id: [], self.video_token_id: []}
         for sample_runs, sample_tokens in zip(runs, tokens):
             rows = torch.cat(sample_tokens).to(device=embed.device, dtype=embed.dtype)
             for (_, token, _), piece in zip(sample_runs, rows.split([length for _, _, length in sample_runs])):
-                per_kind[IMAGE if token == self.image_token_id else VIDEO].append(piece)
-        outputs = {kind: BaseModelOutputWithPooling(pooler_output=pieces)
-                   for kind, pieces in per_kind.items() if pieces}
+                per_kind[token].append(piece)
+        keys = {self.image_token_id: "image", self.video_token_id: "video"}  # the host's mm_encoder_outputs keys
+        outputs = {keys[token]: BaseModelOutputWithPooling(pooler_output=pieces)
+                   for token, pieces in per_kind.items() if pieces}
         if self.has_deepstack:
             for output in outputs.values():
                 output["deepstack_features"] = []  # the deepstack rule: off for fused tokens
