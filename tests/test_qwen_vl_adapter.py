@@ -340,3 +340,20 @@ def test_processor_writes_one_marked_run_per_visual_input_and_question(hosts):
     assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == IMAGE_TOKEN_ID).int()
                        + 2 * (batch["input_ids"] == QWEN_VIDEO_TOKEN_ID).int())
     assert batch["video_grid_thw"].shape == (2, 3) and batch["image_grid_thw"].shape == (1, 3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_video_follow_ups_with_the_fusion_cache_equal_recomputing(hosts, kind):
+    model, _, processor = attached(hosts, kind)
+    calls = []
+    handle = model.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    clip = [videos(1, frames=4, seed=7)[0]]
+    cache = FusionCache()
+    turn1 = processor(videos=[clip], conversations=[VIDEO_CONVERSATION[:1]])
+    turn2 = processor(videos=[clip], conversations=[VIDEO_CONVERSATION])
+    first = model.generate(**turn1, max_new_tokens=3, do_sample=False, qfusion_cache=cache)
+    second = model.generate(**turn2, max_new_tokens=3, do_sample=False, qfusion_cache=cache)
+    handle.remove()
+    assert len(calls) == 1 and (cache.misses, cache.hits) == (1, 1)  # the follow-up runs no vision tower
+    assert torch.equal(first, model.generate(**turn1, max_new_tokens=3, do_sample=False))
+    assert torch.equal(second, model.generate(**turn2, max_new_tokens=3, do_sample=False))
