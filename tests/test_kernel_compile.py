@@ -82,6 +82,7 @@ def test_production_configs_do_not_spill_and_are_pipelined(subset_rows):
         assert row["loops"] >= 2 and row["loops_with_async_copies"] == row["loops"]
         assert row["min_buffer_depth"] >= 2 and row["ptx_async_copies"] > 0
         assert row["spill_stores"] == row["spill_loads"] == 0 and 0 < row["registers"] <= 255
+        assert row["cubin_stack_bytes"] == 0  # Triton's own cubin: no stack frame, where spills would go
 
 
 def test_hopper_kernels_use_async_warpgroup_mma(subset_rows):
@@ -99,6 +100,7 @@ def test_check_flags_spills_and_errors():
                  min_buffer_depth=2, ptx_async_copies=10)
     assert problems(clean) == []
     assert "spills" in problems(dict(clean, spill_stores=8))[0]
+    assert "stack 16 B in Triton's cubin" in problems(dict(clean, cubin_stack_bytes=16))[0]
     assert "1 of 2 tile loops" in problems(dict(clean, loops_with_async_copies=1))[0]
     assert problems({"error": "OutOfResources: shared memory"}) == ["OutOfResources: shared memory"]
 

@@ -3,7 +3,8 @@
 ``triton.compile`` with a ``GPUTarget`` runs the whole NVIDIA pipeline (TTIR, TTGIR, LLVM, PTX,
 ``ptxas``) on the host; this module compiles every production config of
 :mod:`qfusion.ops.kernel_configs` that way and reports, per kernel, the registers, spills, stack
-and shared memory (from ``ptxas -v``), and whether its tile loops are software-pipelined: async
+and shared memory (from ``ptxas -v`` on the PTX, and the stack frame of the cubin Triton built, where
+spills go), and whether its tile loops are software-pipelined: async
 copies into multi-buffered shared memory in the TTGIR and ``cp.async`` in the PTX.
 
 Triton kernels are interpreted objects when ``TRITON_INTERPRET=1`` was set before triton was
@@ -150,6 +151,21 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
                 spill_loads=number(r"(\d+) bytes spill loads"), stack_bytes=number(r"(\d+) bytes stack frame"))
 
 
+def _cubin_stack_bytes(cubin: bytes) -> int | None:
+    """The stack frame (where spills go) of the cubin Triton built, from its bundled cuobjdump."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    found = re.search(r"STACK:(\d+)", usage)
+    return int(found.group(1)) if found else None
+
+
 def _loops(ttgir: str) -> list[str]:
     """The text of every ``scf.for`` body of the kernel's TTGIR (outermost loops)."""
     bodies, pos = [], 0
@@ -196,6 +212,7 @@ def compile_case(case: Case) -> dict:
         row["compile_s"] = round(time.perf_counter() - started, 2)
         row["shared_bytes"] = compiled.metadata.shared
         row.update(_ptxas_report(compiled.asm["ptx"], case.arch))
+        row["cubin_stack_bytes"] = _cubin_stack_bytes(compiled.asm["cubin"])
         row.update(pipelining(compiled.asm["ttgir"], compiled.asm["ptx"]))
     except Exception as error:  # noqa: BLE001 - every failure is reported per case (OutOfResources, PTXASError, ...)
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
@@ -207,8 +224,9 @@ def problems(row: dict) -> list[str]:
     if "error" in row:
         return [row["error"]]
     found = []
-    if row["spill_stores"] or row["spill_loads"]:
-        found.append(f"spills {row['spill_stores']} B stores / {row['spill_loads']} B loads")
+    if row["spill_stores"] or row["spill_loads"] or row.get("cubin_stack_bytes"):
+        found.append(f"spills {row['spill_stores']} B stores / {row['spill_loads']} B loads "
+                     f"(stack {row.get('cubin_stack_bytes')} B in Triton's cubin)")
     if row["loops"] < 2 or row["loops_with_async_copies"] < row["loops"]:
         found.append(f"{row['loops_with_async_copies']} of {row['loops']} tile loops use async copies")
     if row["tile_buffers"] == 0 or row["min_buffer_depth"] < 2 or row["ptx_async_copies"] == 0:
