@@ -50,7 +50,7 @@ def attach(model: nn.Module, fusion, *, mode: str | None = None, vision_source: 
     """Attach a QuestionFusion plugin to a transformers VLM instance; returns the adapter handle.
 
     model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
-        ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+        ``LlavaOnevisionForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
         ``Qwen3VLForConditionalGeneration``, ``Blip2ForConditionalGeneration`` or
         ``InstructBlipForConditionalGeneration`` (decoder-only LLM), before any peft wrapping. Only this instance is patched: its ``forward`` and
         ``generate`` then take ``qfusion_input_ids`` / ``qfusion_attention_mask``, ``qfusion_budget``
@@ -64,8 +64,9 @@ def attach(model: nn.Module, fusion, *, mode: str | None = None, vision_source: 
     mode: BLIP family: "replace" (default; fused tokens instead of the Q-Former's query outputs, into
         ``language_projection``) or "augment" (after them).
     vision_source: LLaVA family: "projector" (default; host features after its multimodal projector)
-        or "tower" (the selected vision-tower features before it). Qwen-VL: "merger" (the features
-        after the patch merger, as its LLM receives them).
+        or "tower" (the selected vision-tower features before it; not for LLaVA-OneVision, whose
+        images are packed and video frames pooled after the projector). Qwen-VL: "merger" (the
+        features after the patch merger, as its LLM receives them).
     hd: LLaVA: an HD front-end, (rows, cols) to build one (``qfusion.vision.HDFrontEnd``), or None.
     train_vision_tower, train_projector, train_llm: which host parts keep ``requires_grad``
         (default: all frozen; the plugin trains). ``detach`` restores the previous flags.
