@@ -357,3 +357,18 @@ def test_video_follow_ups_with_the_fusion_cache_equal_recomputing(hosts, kind):
     assert len(calls) == 1 and (cache.misses, cache.hits) == (1, 1)  # the follow-up runs no vision tower
     assert torch.equal(first, model.generate(**turn1, max_new_tokens=3, do_sample=False))
     assert torch.equal(second, model.generate(**turn2, max_new_tokens=3, do_sample=False))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tower_source_reads_the_states_the_patch_merger_joins(hosts, kind):
+    model, adapter, processor = attached(hosts, kind, vision_source="tower")
+    assert adapter.fusion.config.vision_dim == model.config.vision_config.hidden_size
+    batch = processor(images=images(2), questions=["what is this ?", "red"])
+    with torch.no_grad():
+        tower = adapter.encode(batch["pixel_values"], batch["image_grid_thw"], None, None, [IMAGE_TOKEN_ID] * 2)
+        merged = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                                return_dict=True).pooler_output
+        assert [t.shape[0] for t in tower] == batch["image_grid_thw"].prod(-1).tolist()
+        for mine, host in zip(tower, merged):  # in the host's patch order: its own merger gives its features
+            torch.testing.assert_close(model.model.visual.merger(mine), host, rtol=1e-5, atol=1e-6)
+        assert model(**batch).logits.shape[:2] == batch["input_ids"].shape

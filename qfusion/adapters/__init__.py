@@ -65,8 +65,8 @@ def attach(model: nn.Module, fusion, *, mode: str | None = None, vision_source: 
         ``language_projection``) or "augment" (after them).
     vision_source: LLaVA family: "projector" (default; host features after its multimodal projector)
         or "tower" (the selected vision-tower features before it; not for LLaVA-OneVision, whose
-        images are packed and video frames pooled after the projector). Qwen-VL: "merger" (the
-        features after the patch merger, as its LLM receives them).
+        images are packed and video frames pooled after the projector). Qwen-VL: "merger" (default; the
+        features after the patch merger, as its LLM receives them) or "tower" (the states before it).
     hd: LLaVA: an HD front-end, (rows, cols) to build one (``qfusion.vision.HDFrontEnd``), or None.
     train_vision_tower, train_projector, train_llm: which host parts keep ``requires_grad``
         (default: all frozen; the plugin trains). ``detach`` restores the previous flags.

@@ -9,6 +9,9 @@ Data flow of a patched call (transformers 5 ``Qwen2_5_VLForConditionalGeneration
     ─ ``mm_encoder_outputs`` ─> the host's own forward, which scatters them into the
     ``<|image_pad|>`` / ``<|video_pad|>`` placeholders
 
+``vision_source="tower"`` reads the tower's last states before the patch merger instead (s² per
+merged token, put back in the host's patch order where Qwen2.5-VL runs its blocks in window order).
+
 Every placeholder run stands between ``<|vision_start|>`` and ``<|vision_end|>``, one run per visual
 input per question (:mod:`qfusion.inputs`). Videos and images may be mixed in one prompt.
 
@@ -43,7 +46,7 @@ class QwenVLAdapter(HostAdapter):
     family = "qwen_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     modes = ("replace",)
-    vision_sources = ("merger",)
+    vision_sources = ("merger", "tower")
     supports_multi_image = True
     llm_name = "model.language_model"
 
@@ -60,6 +63,9 @@ class QwenVLAdapter(HostAdapter):
 
     @property
     def feature_dim(self) -> int:
+        if self.settings.vision_source == "tower":
+            vision = self.model.config.vision_config
+            return getattr(vision, "embed_dim", None) or vision.hidden_size  # Qwen2-VL names it embed_dim
         return self.model.config.text_config.hidden_size
 
     @property
@@ -103,12 +109,30 @@ class QwenVLAdapter(HostAdapter):
         kinds: per visual input of the batch in prompt order, its placeholder id (image or video).
         """
         host = self.model.model
-        images = [] if pixel_values is None else list(
-            host.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
-        videos = [] if pixel_values_videos is None else list(
-            host.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True).pooler_output)
+        if self.settings.vision_source == "tower":
+            images = [] if pixel_values is None else self._tower(pixel_values, image_grid_thw)
+            videos = [] if pixel_values_videos is None else self._tower(pixel_values_videos, video_grid_thw)
+        else:
+            images = [] if pixel_values is None else list(
+                host.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output)
+            videos = [] if pixel_values_videos is None else list(
+                host.get_video_features(pixel_values_videos, video_grid_thw, return_dict=True).pooler_output)
         return in_prompt_order(kinds, {self.image_token_id: images, self.video_token_id: videos},
                                {self.image_token_id: "pixel_values", self.video_token_id: "pixel_values_videos"})
+
+    def _tower(self, pixels: Tensor, grid_thw: Tensor) -> list[Tensor]:
+        """Per visual input, (t·h·w, tower_dim): the tower's last hidden states before the patch merger,
+        in the host's patch order (consecutive groups of s² patches are what the merger joins)."""
+        visual = self.model.model.visual
+        hidden = visual(pixels.type(visual.dtype), grid_thw=grid_thw, return_dict=True).last_hidden_state
+        if hasattr(visual, "window_size"):  # Qwen2.5-VL runs its blocks on merge groups in window order
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                                      visual.patch_size)
+            groups = hidden.unflatten(0, (-1, self.merge_size**2))
+            hidden = groups[torch.argsort(window_index)].flatten(0, 1)
+        return list(hidden.split(grid_thw.prod(-1).tolist()))
 
     # ------------------------------------------------------------------ placeholder runs
 
