@@ -30,12 +30,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qfusion.adapters.base import HostAdapter
 from qfusion.adapters.patching import QFusionArguments
+from qfusion.adapters.seam import VISUAL_INPUTS, SeamAdapter
 from qfusion.inputs import in_prompt_order, visual_blocks, visual_kinds
 
 
-class LlavaAdapter(HostAdapter):
+class LlavaAdapter(SeamAdapter):
     """Adapter for ``llava``, ``llava_next`` and ``llava_onevision`` hosts (see the module docstring)."""
 
     family = "llava"
@@ -177,23 +177,9 @@ class LlavaAdapter(HostAdapter):
 
     # ------------------------------------------------------------------ the patched calls
 
-    def encoder_outputs(self, args: dict, qfusion: QFusionArguments):
-        """``mm_encoder_outputs`` holding the fused tokens of this call, or None when it has no image
-        and no question (text-only calls, decoding steps, the caller's own precomputed embeddings)."""
+    def with_fused_tokens(self, args: dict, qfusion: QFusionArguments) -> dict:
+        """The host arguments with the fused tokens as ``mm_encoder_outputs`` instead of the pixels."""
         pixel_values, videos = args.get("pixel_values"), args.get("pixel_values_videos")
-        if pixel_values is None and videos is None and not qfusion.given:
-            return None
-        if args.get("mm_encoder_outputs") is not None:
-            raise ValueError(
-                "mm_encoder_outputs: pass either precomputed image embeddings or pixel_values with "
-                "qfusion_input_ids, not both"
-            )
-        if args.get("inputs_embeds") is not None:
-            raise ValueError("inputs_embeds: not supported with qfusion inputs; pass input_ids")
-        if pixel_values is None and videos is None and (qfusion.cache is None or qfusion.cache.is_empty):
-            raise ValueError(
-                "pixel_values: required with qfusion_input_ids (unless a filled qfusion_cache holds the images)"
-            )
         input_ids = args.get("input_ids", args.get("inputs"))
         budget = self.call_budget(qfusion)
         questions, image_counts = self.questions(qfusion, input_ids, budget)
@@ -210,7 +196,7 @@ class LlavaAdapter(HostAdapter):
             features = {self.image_token_id: images}
             if self.is_onevision:
                 features[self.placeholder_ids[1]] = clips
-            names = dict(zip(self.placeholder_ids, ("pixel_values", "pixel_values_videos")))
+            names = dict(zip(self.placeholder_ids, VISUAL_INPUTS))
             return in_prompt_order(kinds, features, names), None
 
         key = pixel_values if videos is None else videos if pixel_values is None else \
@@ -218,38 +204,10 @@ class LlavaAdapter(HostAdapter):
         count = (0 if pixel_values is None else pixel_values.shape[0]) + (0 if videos is None else videos.shape[0])
         tokens, _ = self.fused_tokens(encode, key, questions, qfusion.cache, budget, image_counts=image_counts,
                                       num_images=None if key is None else count)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        embed = self.model.get_input_embeddings().weight
-        per_kind: dict[int, list[Tensor]] = {token: [] for token in self.placeholder_ids}
-        for sample_blocks, groups in zip(blocks, tokens):
-            rows = torch.cat(groups).to(device=embed.device, dtype=embed.dtype)
-            for (_, token, _), piece in zip(sample_blocks, rows.split([length for _, _, length in sample_blocks])):
-                per_kind[token].append(piece)
-        outputs = {}
-        if per_kind[self.image_token_id]:
-            outputs["image"] = BaseModelOutputWithPooling(pooler_output=per_kind[self.image_token_id])
-        clips = per_kind[self.placeholder_ids[1]] if self.is_onevision else []
-        if clips:  # the host flattens (videos, tokens): one row of all the video runs
-            outputs["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(clips)[None])
-        return outputs
-
-    def _with_fused_tokens(self, args: dict, qfusion: QFusionArguments) -> dict:
-        mm_encoder_outputs = self.encoder_outputs(args, qfusion)
-        if mm_encoder_outputs is None:
-            return args
-        args = {k: v for k, v in args.items() if k not in ("pixel_values", "pixel_values_videos")}
-        args["mm_encoder_outputs"] = mm_encoder_outputs
+        outputs = self.seam_outputs(blocks, tokens, dict(zip(self.placeholder_ids, ("image", "video"))))
+        if "video" in outputs:  # the host flattens (videos, tokens): one row of all the video runs
+            video = outputs["video"]
+            video["pooler_output"] = torch.cat(video.pooler_output)[None]
+        args = {k: v for k, v in args.items() if k not in VISUAL_INPUTS}
+        args["mm_encoder_outputs"] = outputs
         return args
-
-    def patched_forward(self, args: dict, qfusion: QFusionArguments):
-        """The host's forward with the images compressed by the plugin."""
-        return self.host_method("forward")(**self._with_fused_tokens(args, qfusion))
-
-    def patched_generate(self, args: dict, qfusion: QFusionArguments):
-        """The host's generate with the images compressed by the plugin."""
-        self.check_generation_inputs(args.get("input_ids", args.get("inputs")), args.get("attention_mask"))
-        with torch.no_grad():
-            args = self._with_fused_tokens(args, qfusion)
-        return self.host_method("generate")(**args)
-

@@ -36,7 +36,8 @@ ADAPTER_FORMAT_VERSION = 1
 class AdapterSettings:
     """How a fusion is wired into a host; saved with the plugin as ``qfusion_adapter.json``.
 
-    family: "llava" (LLaVA, LLaVA-NeXT) or "blip2" (BLIP-2, InstructBLIP).
+    family: "llava" (LLaVA, LLaVA-NeXT, LLaVA-OneVision), "qwen_vl" (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) or
+        "blip2" (BLIP-2, InstructBLIP).
     model_type: the host's ``config.model_type`` the plugin was attached to.
     mode: BLIP family: "replace" (fused tokens instead of the Q-Former's query outputs) or
         "augment" (fused tokens after them). LLaVA family: always "replace".

@@ -35,12 +35,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qfusion.adapters.base import HostAdapter
+from qfusion.adapters.seam import SeamAdapter
 from qfusion.adapters.patching import QFusionArguments
 from qfusion.inputs import in_prompt_order, placeholder_runs, visual_blocks, visual_kinds
 
 
-class QwenVLAdapter(HostAdapter):
+class QwenVLAdapter(SeamAdapter):
     """Adapter for ``qwen2_vl``, ``qwen2_5_vl`` and ``qwen3_vl`` hosts (see the module docstring)."""
 
     family = "qwen_vl"
@@ -169,24 +169,9 @@ class QwenVLAdapter(HostAdapter):
 
     # ------------------------------------------------------------------ the patched calls
 
-    def _with_fused_tokens(self, args: dict, qfusion: QFusionArguments) -> dict:
-        """The host arguments with the fused tokens as ``mm_encoder_outputs`` and the virtual grids, or
-        the arguments unchanged for calls without visual inputs and questions (e.g. decoding steps)."""
+    def with_fused_tokens(self, args: dict, qfusion: QFusionArguments) -> dict:
+        """The host arguments with the fused tokens as ``mm_encoder_outputs`` and the virtual grids."""
         pixel_values, videos = args.get("pixel_values"), args.get("pixel_values_videos")
-        if pixel_values is None and videos is None and not qfusion.given:
-            return args
-        if args.get("mm_encoder_outputs") is not None:
-            raise ValueError(
-                "mm_encoder_outputs: pass either precomputed embeddings or pixel values with qfusion_input_ids, "
-                "not both"
-            )
-        if args.get("inputs_embeds") is not None:
-            raise ValueError("inputs_embeds: not supported with qfusion inputs; pass input_ids")
-        if pixel_values is None and videos is None and (qfusion.cache is None or qfusion.cache.is_empty):
-            raise ValueError(
-                "pixel_values: required with qfusion_input_ids (or pixel_values_videos; unless a filled "
-                "qfusion_cache holds the visual inputs)"
-            )
         input_ids = args.get("input_ids", args.get("inputs"))
         budget = self.call_budget(qfusion)
         questions, image_counts = self.questions(qfusion, input_ids, budget)
@@ -207,17 +192,7 @@ class QwenVLAdapter(HostAdapter):
         num_visuals = None if key is None else len(kinds)
         tokens, _ = self.fused_tokens(encode, key, questions, qfusion.cache, budget, context=context,
                                       image_counts=image_counts, num_images=num_visuals)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        embed = self.model.get_input_embeddings().weight
-        per_kind: dict[int, list[Tensor]] = {self.image_token_id: [], self.video_token_id: []}
-        for sample_runs, sample_tokens in zip(runs, tokens):
-            rows = torch.cat(sample_tokens).to(device=embed.device, dtype=embed.dtype)
-            for (_, token, _), piece in zip(sample_runs, rows.split([length for _, _, length in sample_runs])):
-                per_kind[token].append(piece)
-        keys = {self.image_token_id: "image", self.video_token_id: "video"}  # the host's mm_encoder_outputs keys
-        outputs = {keys[token]: BaseModelOutputWithPooling(pooler_output=pieces)
-                   for token, pieces in per_kind.items() if pieces}
+        outputs = self.seam_outputs(runs, tokens, {self.image_token_id: "image", self.video_token_id: "video"})
         if self.has_deepstack:
             for output in outputs.values():
                 output["deepstack_features"] = []  # the deepstack rule: off for fused tokens
@@ -227,14 +202,3 @@ class QwenVLAdapter(HostAdapter):
         args["video_grid_thw"] = self.virtual_grids(runs, self.video_token_id, input_ids.device)
         args["mm_token_type_ids"] = self.token_types(input_ids)
         return args
-
-    def patched_forward(self, args: dict, qfusion: QFusionArguments):
-        """The host's forward with the images and videos compressed by the plugin."""
-        return self.host_method("forward")(**self._with_fused_tokens(args, qfusion))
-
-    def patched_generate(self, args: dict, qfusion: QFusionArguments):
-        """The host's generate with the images and videos compressed by the plugin."""
-        self.check_generation_inputs(args.get("input_ids", args.get("inputs")), args.get("attention_mask"))
-        with torch.no_grad():
-            args = self._with_fused_tokens(args, qfusion)
-        return self.host_method("generate")(**args)
