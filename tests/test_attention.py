@@ -212,3 +212,21 @@ def test_readme_attention_backends_example_runs():
     assert blocks, "the README's attention section has no example"
     for block in blocks:
         exec(compile(block, "README.md (Attention backends)", "exec"), {})
+
+
+def test_sdpa_runs_a_full_causal_forward_without_a_mask_and_equals_eager_with_grads():
+    from qfusion.ops.attention import _sdpa_mask
+
+    layout = pack([7, 3, 11], [[2, 1], [4], [1, 2, 3]], m=3, n=2, policy="causal")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(layout.num_tokens, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
+    assert _sdpa_mask("causal", layout.meta, layout.meta) == (None, None)  # the masked half is skipped
+    grads = {}
+    for impl in ("sdpa", "eager"):
+        out = fusion_attention(q, k, v, layout.meta, layout.meta, policy="causal", impl=impl)
+        grads[impl] = (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for got, want in zip(grads["sdpa"], grads["eager"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    prefix = pack([7, 3], [[2], [4]], m=3, n=2, policy="prefix")
+    first = _sdpa_mask("prefix", prefix.meta, prefix.meta)
+    assert first[0] is not None and _sdpa_mask("prefix", prefix.meta, prefix.meta)[0] is first[0]  # built once

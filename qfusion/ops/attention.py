@@ -126,21 +126,51 @@ def padded_mask(policy: str, meta_q: AttentionMeta, meta_k: AttentionMeta) -> Te
     return rule & valid_q[:, :, None] & valid_k[:, None, :]
 
 
+_sdpa_masks: "weakref.WeakKeyDictionary[AttentionMeta, dict]" = weakref.WeakKeyDictionary()
+
+
+def _is_plain_causal(policy: str, meta_q: AttentionMeta, meta_k: AttentionMeta) -> bool:
+    """Whether the rule is plain causal attention over each sample (a full ``causal`` forward: queries
+    and keys are the same tokens, at orders 0..L-1), which SDPA runs without a mask and skips the
+    masked half."""
+    if policy != "causal" or meta_q is not meta_k:
+        return False
+    return torch.equal(meta_q.order.long(), _local_index(meta_q)[1])
+
+
+def _sdpa_mask(policy: str, meta_q: AttentionMeta, meta_k: AttentionMeta):
+    """(mask (B, 1, Lq, Lk) or None for plain causal, rows that see a key (B, Lq, 1) or None), built
+    once per metadata pair and policy (every layer of a forward reuses it)."""
+    per_q = _sdpa_masks.setdefault(meta_q, {})
+    key = (id(meta_k), policy)
+    cached = per_q.get(key)
+    if cached is None or cached[0]() is not meta_k:
+        if _is_plain_causal(policy, meta_q, meta_k):
+            built = (None, None)
+        else:
+            mask = padded_mask(policy, meta_q, meta_k)
+            seen = mask.any(dim=-1, keepdim=True)  # (B, Lq, 1)
+            # A row with no visible key would be NaN: let it see everything, then zero it.
+            built = ((mask | ~seen)[:, None], seen)
+        cached = per_q[key] = (weakref.ref(meta_k), built)
+    return cached[1]
+
+
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: AttentionMeta,
                    policy: str, scale: float) -> Tensor:
-    """SDPA on the per-sample padded batch with a (B, 1, Lq, Lk) boolean mask."""
-    mask = padded_mask(policy, meta_q, meta_k)
-    seen = mask.any(dim=-1, keepdim=True)  # (B, Lq, 1)
-    # A row with no visible key would be NaN: let it see everything, then zero it.
-    mask = mask | ~seen
+    """SDPA on the per-sample padded batch with a (B, 1, Lq, Lk) boolean mask (``is_causal`` where
+    the rule is plain causal)."""
+    mask, seen = _sdpa_mask(policy, meta_q, meta_k)
     qp, _ = _pad(q, meta_q)
     kp, _ = _pad(k, meta_k)
     vp, _ = _pad(v, meta_k)
     out = F.scaled_dot_product_attention(
         rearrange(qp, "b l h d -> b h l d"), rearrange(kp, "b l h d -> b h l d"),
-        rearrange(vp, "b l h d -> b h l d"), attn_mask=mask[:, None], scale=scale,
+        rearrange(vp, "b l h d -> b h l d"), attn_mask=mask, is_causal=mask is None, scale=scale,
     )
-    out = rearrange(out, "b h l d -> b l h d") * seen[..., None].to(out.dtype)
+    out = rearrange(out, "b h l d -> b l h d")
+    if seen is not None:
+        out = out * seen[..., None].to(out.dtype)
     sample, local = _local_index(meta_q)
     return out[sample, local]
 
