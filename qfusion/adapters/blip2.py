@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qfusion.adapters.base import HostAdapter
 from qfusion.adapters.patching import QFusionArguments
+from qfusion.adapters.seam import SeamAdapter
 
 
 def _image_outputs(**fields):
@@ -34,7 +34,7 @@ def _image_outputs(**fields):
     return BaseModelOutputWithVisionQformerOutputs(**fields)
 
 
-class Blip2Adapter(HostAdapter):
+class Blip2Adapter(SeamAdapter):
     """Adapter for ``blip-2`` and ``instructblip`` hosts (see the module docstring)."""
 
     family = "blip2"
@@ -113,21 +113,8 @@ class Blip2Adapter(HostAdapter):
 
     def encoder_outputs(self, args: dict, qfusion: QFusionArguments):
         """``{"image": outputs}`` whose ``pooler_output`` (total, d_llm) holds every sample's tokens in
-        placeholder order, or None when neither images nor questions are given."""
+        placeholder order, for a call with images or questions (:meth:`is_visual_call`)."""
         pixel_values = args.get("pixel_values")
-        if pixel_values is None and not qfusion.given:
-            return None
-        if args.get("mm_encoder_outputs") is not None:
-            raise ValueError(
-                "mm_encoder_outputs: pass either precomputed image embeddings or pixel_values with "
-                "qfusion_input_ids, not both"
-            )
-        if args.get("inputs_embeds") is not None:
-            raise ValueError("inputs_embeds: not supported with qfusion inputs; pass input_ids")
-        if pixel_values is None and (qfusion.cache is None or qfusion.cache.is_empty):
-            raise ValueError(
-                "pixel_values: required with qfusion_input_ids (unless a filled qfusion_cache holds the images)"
-            )
         budget = self.call_budget(qfusion)
         questions, image_counts = self.questions(qfusion, args.get("input_ids"), budget)
         augment = self.settings.mode == "augment"
@@ -155,16 +142,13 @@ class Blip2Adapter(HostAdapter):
 
     # ------------------------------------------------------------------ the patched calls
 
-    def patched_forward(self, args: dict, qfusion: QFusionArguments):
-        """The host's forward with the images compressed by the plugin (through ``mm_encoder_outputs``)."""
-        fused = self.encoder_outputs(args, qfusion)
-        if fused is not None:
-            args = dict(args, pixel_values=None, mm_encoder_outputs=fused)
-        return self.host_method("forward")(**args)
+    def with_fused_tokens(self, args: dict, qfusion: QFusionArguments) -> dict:
+        """The host's forward arguments with the fused tokens as ``mm_encoder_outputs`` instead of the pixels."""
+        return dict(args, pixel_values=None, mm_encoder_outputs=self.encoder_outputs(args, qfusion))
 
     def patched_generate(self, args: dict, qfusion: QFusionArguments):
         """The host's generate after its inline feature computation, with the fused tokens instead."""
-        if args.get("pixel_values") is None and not qfusion.given:
+        if not self.is_visual_call(args, qfusion):
             return self.host_method("generate")(**args)
         input_ids, attention_mask = args.get("input_ids"), args.get("attention_mask")
         self.check_generation_inputs(input_ids, attention_mask)

@@ -1,9 +1,9 @@
 """What the hosts that take precomputed embeddings through ``mm_encoder_outputs`` share.
 
 LLaVA, LLaVA-NeXT, LLaVA-OneVision and the Qwen-VL family run their own ``forward`` and
-``generate`` unchanged once the fused tokens stand in ``mm_encoder_outputs``: the family says how
-to build those outputs (:meth:`SeamAdapter.with_fused_tokens`), this class checks the call and runs
-the host.
+``generate`` unchanged once the fused tokens stand in ``mm_encoder_outputs`` (BLIP-2 its
+``forward``; its ``generate`` is replaced): the family says how to build those outputs
+(:meth:`SeamAdapter.with_fused_tokens`), this class checks the call and runs the host.
 """
 
 from __future__ import annotations
