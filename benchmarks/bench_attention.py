@@ -86,7 +86,7 @@ class Case:
                                  t([b * self.length for b in range(self.batch + 1)]), self.length)
         # ~30-token questions, 25..35 tokens, varying across samples and groups
         questions = [[25 + (7 * b + 3 * g) % 11 for g in range(self.questions)] for b in range(self.batch)]
-        return pack([self.vision] * self.batch, questions, m=self.m, n=max(self.m // 4, 1),
+        return pack([self.vision] * self.batch, questions, budget=(self.m, max(self.m // 4, 1)),
                     policy=self.policy, device=device).meta
 
 

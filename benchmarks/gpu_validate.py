@@ -182,10 +182,10 @@ def _poison() -> None:
 
 def _ragged(ctx: Context, policy: str):
     if ctx.smoke:
-        return pack([20, 9, 13], [[3, 2], [4], [2, 1, 3]], m=4, n=2, policy=policy, device=ctx.device)
+        return pack([20, 9, 13], [[3, 2], [4], [2, 1, 3]], budget=(4, 2), policy=policy, device=ctx.device)
     vision = [576, 1450, 800, 1024, 1200, 640]
     questions = [[30], [25, 31], [28, 22, 35], [33, 20], [27], [29, 24, 26]]
-    return pack(vision, questions, m=64, n=16, policy=policy, device=ctx.device)
+    return pack(vision, questions, budget=(64, 16), policy=policy, device=ctx.device)
 
 
 def _select(meta: AttentionMeta, rows_per_sample) -> AttentionMeta:

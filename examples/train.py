@@ -71,7 +71,8 @@ from qfusion.adapters import get_adapter
 from qfusion.adapters.lora import unwrap_model as peft_base
 from qfusion.answer_encoder import AnswerEncoder
 from qfusion.config import RUNTIME_FIELDS
-from qfusion.inputs import check_budget, decode_questions
+from qfusion.budget import Budget
+from qfusion.inputs import decode_questions
 from qfusion.losses import contrastive_loss, generation_loss, identity_loss
 from qfusion.scaling import fit_power_law, plot_scaling, save_fits
 
@@ -313,7 +314,7 @@ def parse_budgets(values: list, name: str, codebook_size: int, default_n: int) -
     budgets = []
     for i, value in enumerate(values):
         pair = (value, min(default_n, value)) if isinstance(value, int) and not isinstance(value, bool) else value
-        budgets.append(check_budget(tuple(pair) if isinstance(pair, list) else pair, codebook_size, f"{name}[{i}]"))
+        budgets.append(Budget.of(pair, name=f"{name}[{i}]", codebook_size=codebook_size))
     return budgets
 
 

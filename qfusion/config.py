@@ -7,6 +7,7 @@ import os
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from qfusion.budget import Budget
 from qfusion.layout import POLICIES
 from qfusion.ops.attention import IMPLEMENTATIONS
 
@@ -113,10 +114,7 @@ class FusionConfig:
                 f"num_heads: rotary positions need an even head dim, got hidden_size/num_heads = "
                 f"{self.hidden_size // self.num_heads}"
             )
-        if self.m > self.codebook_size:
-            raise ValueError(f"m: expected m <= codebook_size={self.codebook_size}, got {self.m}")
-        if self.n > self.m:
-            raise ValueError(f"n: expected n <= m={self.m}, got {self.n}")
+        Budget.of((self.m, self.n), name="m, n", codebook_size=self.codebook_size)
         if self.mask not in POLICIES:
             raise ValueError(f"mask: expected one of {POLICIES}, got {self.mask!r}")
         if self.attn_impl not in IMPLEMENTATIONS:
@@ -144,6 +142,11 @@ class FusionConfig:
     def unresolved(self) -> list[str]:
         """The host-determined fields still None (``qfusion.attach`` fills them)."""
         return [name for name in ("vision_dim", "output_dim", "text_vocab_size") if getattr(self, name) is None]
+
+    @property
+    def budget(self) -> Budget:
+        """The default budget (m, n)."""
+        return Budget(self.m, self.n)
 
     @property
     def head_dim(self) -> int:

@@ -27,18 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-
-def check_budget(budget, codebook_size: int | None = None, name: str = "qfusion_budget") -> tuple[int, int]:
-    """Validated (m, n): two integers with 1 <= n <= m (<= codebook_size when given)."""
-    if (not isinstance(budget, (tuple, list)) or len(budget) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in budget)):
-        raise ValueError(f"{name}: expected (m, n), two integers, got {budget!r}")
-    m, n = budget
-    if n < 1 or m < n:
-        raise ValueError(f"{name}: expected 1 <= n <= m, got m={m}, n={n}")
-    if codebook_size is not None and m > codebook_size:
-        raise ValueError(f"{name}: expected m <= codebook_size={codebook_size}, got m={m}")
-    return m, n
+from qfusion.budget import Budget
 
 
 def question_images(image_counts: Sequence[int]) -> list[list[int]]:
@@ -60,23 +49,17 @@ def question_images(image_counts: Sequence[int]) -> list[list[int]]:
     return about
 
 
-def placeholder_blocks(num_questions: int, budget: tuple[int, int], prefix: int = 0,
+def placeholder_blocks(num_questions: int, budget: Budget, prefix: int = 0,
                        image_counts: Sequence[int] | None = None) -> list[list[int]]:
-    """Per question of a sample, the placeholders of each of its visual inputs, in order:
-    ``prefix + m`` where the question is that input's first, n after."""
-    m, n = budget
+    """Per question of a sample, the placeholders of each of its visual inputs, in order
+    (:meth:`qfusion.Budget.placeholder_blocks` over :func:`question_images`)."""
     counts = [1] + [0] * (num_questions - 1) if image_counts is None else list(image_counts)
     if len(counts) != num_questions:
         raise ValueError(f"qfusion_image_counts: expected {num_questions} entries (one per question), got {counts}")
-    seen: set[int] = set()
-    blocks = []
-    for images in question_images(counts):
-        blocks.append([n if image in seen else prefix + m for image in images])
-        seen.update(images)
-    return blocks
+    return budget.placeholder_blocks(question_images(counts), prefix)
 
 
-def placeholder_counts(num_questions: int, budget: tuple[int, int], prefix: int = 0,
+def placeholder_counts(num_questions: int, budget: Budget, prefix: int = 0,
                        image_counts: Sequence[int] | None = None) -> list[int]:
     """The placeholders before each question of a sample: [prefix + m, n, n, ...] for one image; with
     ``image_counts``, per question the sum over its visual inputs (see :func:`placeholder_blocks`)."""
@@ -98,7 +81,7 @@ def placeholder_runs(ids: Tensor, token_id) -> list[int]:
     return runs
 
 
-def visual_blocks(ids: Tensor, token_ids, num_questions: int, budget: tuple[int, int], prefix: int = 0,
+def visual_blocks(ids: Tensor, token_ids, num_questions: int, budget: Budget, prefix: int = 0,
                   image_counts: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
     """Per placeholder block of one sample in prompt order: (its visual input, the placeholder id it is
     made of, its length) — for hosts with several kinds of placeholder (image and video).
@@ -152,7 +135,7 @@ def in_prompt_order(kinds: Sequence[int], features: dict[int, list], names: dict
     return [next(taken[kind]) for kind in kinds]
 
 
-def check_placeholders(input_ids: Tensor, token_id: int, num_questions: Sequence[int], budget: tuple[int, int],
+def check_placeholders(input_ids: Tensor, token_id: int, num_questions: Sequence[int], budget: Budget,
                        prefix: int = 0, name: str = "input_ids", image_counts=None) -> None:
     """Raise unless every sample's placeholders form exactly the runs its questions (and images) need.
 
@@ -341,7 +324,7 @@ class VisualPlan:
 
 
 def decode_call(input_ids, qfusion_input_ids, qfusion_attention_mask, qfusion_image_counts, *, token_id,
-                budget: tuple[int, int], prefix: int = 0, multi_image: bool = True, host: str = "this"):
+                budget: Budget, prefix: int = 0, multi_image: bool = True, host: str = "this"):
     """(per sample its questions, per sample per question the new images it brings or None) of one
     call with visual inputs, after checking that the placeholders in ``input_ids`` fit them."""
     if qfusion_input_ids is None:

@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from qfusion.budget import Budget
+
 VISION, TEXT, QUERY = 0, 1, 2
 """Token kinds."""
 
@@ -177,20 +179,11 @@ def group_first_position(policy: str, group: int, cursor: int, group0_end: int |
     return group0_end if policy == "grouped" and group > 0 else cursor
 
 
-def _check_budget(m: int, n: int) -> None:
-    for name, value in (("m", m), ("n", n)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    if n > m:
-        raise ValueError(f"n: expected n <= m, got n={n} > m={m}")
-
-
 def pack(
     vision_lengths: Sequence[int],
     question_lengths: Sequence[Sequence[int]],
     *,
-    m: int,
-    n: int,
+    budget: Budget | tuple[int, int],
     policy: str = "causal",
     device: torch.device | str | None = None,
 ) -> PackedLayout:
@@ -199,13 +192,13 @@ def pack(
     vision_lengths: V_b for each of the B samples.
     question_lengths: for each sample, the token count of each of its questions (G_b >= 1 entries;
         use 0 for the paper's "no question" ablation, where a group holds only its slots).
-    m, n: slots of the first group / of every later group of a sample (1 <= n <= m).
+    budget: (m, n), the slots of the first group / of every later group of a sample.
     policy: the mask policy; it decides rotary positions (``grouped`` restarts every group g >= 1
         right after group 0, so a group never depends on groups it cannot see).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
-    _check_budget(m, n)
+    budget = Budget.of(budget, name="budget")
     if len(vision_lengths) != len(question_lengths):
         raise ValueError(
             f"question_lengths: expected one list per sample ({len(vision_lengths)} samples), "
@@ -232,7 +225,7 @@ def pack(
         for g, text_len in enumerate(lengths):
             if text_len < 0:
                 raise ValueError(f"question_lengths[{b}][{g}]: expected >= 0, got {text_len}")
-            k = m if g == 0 else n
+            k = budget.slots(g)
             group_len = text_len + k
             first_position = group_first_position(policy, g, cursor, group0_end)
             kind += [TEXT] * text_len + [QUERY] * k
@@ -320,14 +313,14 @@ def pack_vision(vision_lengths: Sequence[int], device=None) -> tuple[AttentionMe
     return meta, torch.tensor(order, dtype=torch.long, device=device), cursor
 
 
-def pack_step(cursor: StepCursor, text_lengths: Sequence[int | None], *, m: int, n: int, policy: str,
+def pack_step(cursor: StepCursor, text_lengths: Sequence[int | None], *, budget: Budget, policy: str,
               device=None) -> PackedStep:
     """Lay out one new question group per sample after ``cursor`` (the same rules as :func:`pack`).
 
     text_lengths: per sample, the new question's token count (0 for "no question" groups), or None
         for a sample that asks nothing this step.
+    budget: the session's (m, n), as its ``start`` validated it.
     """
-    _check_budget(m, n)
     kind, group, order, position, slot, is_eos, lengths, text_local = [], [], [], [], [], [], [], []
     groups, next_order = list(cursor.groups), list(cursor.next_order)
     next_position, group0_end = list(cursor.next_position), list(cursor.group0_end)
@@ -337,7 +330,7 @@ def pack_step(cursor: StepCursor, text_lengths: Sequence[int | None], *, m: int,
             lengths.append(0)
             continue
         g = groups[b]
-        k = m if g == 0 else n
+        k = budget.slots(g)
         first = group_first_position(policy, g, next_position[b], group0_end[b])
         start = len(kind)
         kind += [TEXT] * text_len + [QUERY] * k

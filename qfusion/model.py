@@ -21,9 +21,10 @@ from safetensors.torch import load_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from qfusion.budget import Budget
 from qfusion.config import CONFIG_NAME, FusionConfig
-from qfusion.layout import (AttentionMeta, PackedLayout, StepCursor, _check_budget, keys_to_keep, merge_keys, pack,
-                            pack_step, pack_vision)
+from qfusion.layout import (AttentionMeta, PackedLayout, StepCursor, keys_to_keep, merge_keys, pack, pack_step,
+                            pack_vision)
 from qfusion.ops.attention import IMPLEMENTATIONS, fusion_attention
 
 WEIGHTS_NAME = "model.safetensors"
@@ -132,8 +133,7 @@ class FusionState:
     """
 
     owner: "weakref.ref[QuestionFusion]"
-    m: int
-    n: int
+    budget: Budget  # (m, n) of every ask on this state, fixed at start
     kv: list[tuple[Tensor, Tensor]]  # per layer, cached (Tk, H, D) keys and values
     meta_k: AttentionMeta
     cursor: StepCursor  # per sample: groups asked so far, next order and position
@@ -141,6 +141,14 @@ class FusionState:
     @property
     def batch_size(self) -> int:
         return len(self.cursor.groups)
+
+    @property
+    def m(self) -> int:
+        return self.budget.m
+
+    @property
+    def n(self) -> int:
+        return self.budget.n
 
 
 class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
@@ -253,13 +261,15 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
 
     # ------------------------------------------------------------------ input checks
 
-    def _budget(self, m: int | None, n: int | None, default_m: int, default_n: int) -> tuple[int, int]:
-        m = default_m if m is None else m
-        n = min(default_n, m) if n is None else n
-        _check_budget(m, n)
-        if m > self.config.codebook_size:
-            raise ValueError(f"m: expected m <= codebook_size={self.config.codebook_size}, got {m}")
-        return m, n
+    def _budget(self, m: int | None, n: int | None, budget) -> Budget:
+        """The budget of a call: ``budget`` (a Budget or (m, n)), or ``m`` / ``n`` over the configured
+        default (:meth:`qfusion.Budget.resolve`), checked against the codebook."""
+        codebook = self.config.codebook_size
+        if budget is None:
+            return Budget.resolve(m, n, default=self.config.budget, codebook_size=codebook)
+        if m is not None or n is not None:
+            raise ValueError(f"budget: pass either budget or m / n, got budget={budget!r}, m={m!r}, n={n!r}")
+        return Budget.of(budget, name="budget", codebook_size=codebook)
 
     def _check_vision(self, vision_tokens) -> list[Tensor]:
         if isinstance(vision_tokens, Tensor):
@@ -370,7 +380,8 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
             kv.append(layer_kv)
         return h, kv
 
-    def forward(self, vision_tokens, questions, *, m: int | None = None, n: int | None = None) -> FusionOutput:
+    def forward(self, vision_tokens, questions, *, m: int | None = None, n: int | None = None,
+                budget: Budget | tuple[int, int] | None = None) -> FusionOutput:
         """Fuse each sample's vision tokens with each of its questions.
 
         vision_tokens: (B, V, vision_dim) or a list of B tensors (V_b, vision_dim), in the module's
@@ -379,16 +390,18 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
             per question; G_b >= 1 questions per sample. With ``use_question=False`` the ids are not
             used (only their count); ``None`` then means one group per sample.
         m, n: slots of the first / every later question, overriding the config for this call
-            (1 <= n <= m <= codebook_size). Budgets nest: the slots of a smaller m are a prefix.
+            (1 <= n <= m <= codebook_size; n alone defaults to min(config n, m)). Budgets nest: the
+            slots of a smaller m are a prefix.
+        budget: instead of m / n, a :class:`qfusion.Budget` or (m, n).
         """
         vision = self._check_vision(vision_tokens)
         checked = self._check_questions(questions, len(vision))
-        m, n = self._budget(m, n, self.config.m, self.config.n)
+        budget = self._budget(m, n, budget)
         ids = [q for sample in checked for q in sample if q is not None]
         layout = pack(
             [v.shape[0] for v in vision],
             [[0 if q is None else q.numel() for q in sample] for sample in checked],
-            m=m, n=n, policy=self.config.mask, device=self.device,
+            budget=budget, policy=self.config.mask, device=self.device,
         )
         h = self._embed(vision, ids, layout.text_index, layout.query_index, layout.vision_index,
                         layout.slot, layout.is_eos_slot(), layout.num_tokens)
@@ -408,17 +421,19 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
 
     # ------------------------------------------------------------------ incremental use
 
-    def start(self, vision_tokens, *, m: int | None = None, n: int | None = None) -> FusionState:
+    def start(self, vision_tokens, *, m: int | None = None, n: int | None = None,
+              budget: Budget | tuple[int, int] | None = None) -> FusionState:
         """Run the vision prefix once and keep its keys/values for later ``ask`` calls.
 
-        vision_tokens: as in ``forward``. m, n: the budgets of every later ``ask`` (fixed here).
+        vision_tokens: as in ``forward``. m, n (or budget): the budget of every later ``ask``, fixed
+            here, as in ``forward``.
         """
         vision = self._check_vision(vision_tokens)
-        m, n = self._budget(m, n, self.config.m, self.config.n)
+        budget = self._budget(m, n, budget)
         meta, positions, cursor = pack_vision([v.shape[0] for v in vision], self.device)
         h = self.vision_proj(torch.cat(vision))
         _, kv = self._run_layers(h, positions, meta, meta)
-        return FusionState(weakref.ref(self), m, n, kv, meta, cursor)
+        return FusionState(weakref.ref(self), budget, kv, meta, cursor)
 
     def ask(self, state: FusionState, question_ids: Sequence[Tensor | None]):
         """Append one question group per sample to a started state; returns (tokens, new_state).
@@ -444,7 +459,7 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
             if q is not None and self.config.use_question:
                 ids.append(self._check_ids(q, f"question_ids[{b}]"))
             text_lengths.append(None if q is None else ids[-1].numel() if self.config.use_question else 0)
-        step = pack_step(state.cursor, text_lengths, m=state.m, n=state.n, policy=self.config.mask,
+        step = pack_step(state.cursor, text_lengths, budget=state.budget, policy=self.config.mask,
                          device=self.device)
         h = self._embed([], ids, step.text_index, step.query_index, step.query_index.new_empty(0), step.slot,
                         step.is_eos, step.meta.num_tokens)
@@ -455,7 +470,7 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
         for b, t in zip(step.asked, out.tokens):
             tokens[b] = t[0]
         keep, kept_meta = keys_to_keep(self.config.mask, meta_k, from_new, step.cursor)
-        new_state = FusionState(state.owner, state.m, state.n, [(k[keep], v[keep]) for k, v in kv], kept_meta,
+        new_state = FusionState(state.owner, state.budget, [(k[keep], v[keep]) for k, v in kv], kept_meta,
                                 step.cursor)
         return tokens, new_state
 

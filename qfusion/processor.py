@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qfusion.inputs import (check_budget, check_placeholders, encode_image_counts, encode_questions,
-                            placeholder_blocks, placeholder_counts, question_images)
+from qfusion.budget import Budget
+from qfusion.inputs import (check_placeholders, encode_image_counts, encode_questions, placeholder_blocks,
+                            placeholder_counts, question_images)
 from qfusion.vision import hd_views
 
 PROCESSOR_CONFIG_NAME = "qfusion_processor.json"
@@ -136,10 +137,7 @@ class QFusionProcessor:
                 if value is not None and value != found[name]:
                     raise ValueError(f"{name}: the attached plugin uses {name}={found[name]!r}, got {value!r}")
             image_prefix, hd_grid = found["image_prefix"], found["hd_grid"]
-            default_m, default_n = adapter.budget
-            m = default_m if m is None else m
-            n = min(default_n, m) if n is None else n
-            check_budget((m, n), adapter.fusion.config.codebook_size, name="m, n")
+            m, n = Budget.resolve(m, n, default=adapter.budget, codebook_size=adapter.fusion.config.codebook_size)
             vocab = adapter.fusion.config.text_vocab_size
             size = len(question_tokenizer if question_tokenizer is not None else tokenizer)
             if size > vocab:
@@ -153,7 +151,7 @@ class QFusionProcessor:
                 )
         if m is None or n is None:
             raise ValueError("m, n: required (or pass the attached model to read them from)")
-        self.m, self.n = check_budget((m, n), name="m, n")
+        self.m, self.n = Budget.of((m, n), name="m, n")
         self.image_prefix = 0 if image_prefix is None else image_prefix
         if not isinstance(self.image_prefix, int) or self.image_prefix < 0:
             raise ValueError(f"image_prefix: expected an integer >= 0, got {image_prefix!r}")
@@ -167,9 +165,9 @@ class QFusionProcessor:
     # ------------------------------------------------------------------ layout
 
     @property
-    def budget(self) -> tuple[int, int]:
+    def budget(self) -> Budget:
         """The (m, n) these inputs are built for."""
-        return self.m, self.n
+        return Budget(self.m, self.n)
 
     def num_placeholders(self, num_questions: int) -> int:
         """Image placeholders of one sample with ``num_questions`` questions: prefix + m + (G−1)·n."""
@@ -440,7 +438,7 @@ class QFusionProcessor:
         if "batch_num_images" in data:  # LLaVA-OneVision tiles an image only when it is its sample's only one
             data["batch_num_images"] = torch.tensor([k.count("image") for k in kinds])
         data["qfusion_input_ids"], data["qfusion_attention_mask"] = self._question_ids(batch_questions)
-        data["qfusion_budget"] = self.budget
+        data["qfusion_budget"] = tuple(self.budget)  # a plain pair: BatchFeature.to() rebuilds tuples by type
         data["qfusion_image_counts"] = encode_image_counts(image_counts, data["qfusion_input_ids"].shape[1])
         qformer_tokenizer = getattr(self.host, "qformer_tokenizer", None)
         if qformer_tokenizer is not None:

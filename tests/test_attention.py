@@ -13,7 +13,7 @@ POLICIES = ["causal", "prefix", "grouped"]
 
 def ragged_layout(policy):
     # vision lengths not multiples of anything, 1-token questions, several groups, m = 1 sample
-    return pack([5, 9, 3, 7], [[2, 4], [3], [1, 1, 2, 3], [1]], m=4, n=2, policy=policy)
+    return pack([5, 9, 3, 7], [[2, 4], [3], [1, 1, 2, 3], [1]], budget=(4, 2), policy=policy)
 
 
 def random_qkv(tq, tk, heads=2, dim=8, dtype=torch.float64, seed=0):
@@ -217,7 +217,7 @@ def test_readme_attention_backends_example_runs():
 def test_sdpa_runs_a_full_causal_forward_without_a_mask_and_equals_eager_with_grads():
     from qfusion.ops.attention import _sdpa_mask
 
-    layout = pack([7, 3, 11], [[2, 1], [4], [1, 2, 3]], m=3, n=2, policy="causal")
+    layout = pack([7, 3, 11], [[2, 1], [4], [1, 2, 3]], budget=(3, 2), policy="causal")
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(layout.num_tokens, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
     assert _sdpa_mask("causal", layout.meta, layout.meta) == (None, None)  # the masked half is skipped
@@ -227,6 +227,6 @@ def test_sdpa_runs_a_full_causal_forward_without_a_mask_and_equals_eager_with_gr
         grads[impl] = (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
     for got, want in zip(grads["sdpa"], grads["eager"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    prefix = pack([7, 3], [[2], [4]], m=3, n=2, policy="prefix")
+    prefix = pack([7, 3], [[2], [4]], budget=(3, 2), policy="prefix")
     first = _sdpa_mask("prefix", prefix.meta, prefix.meta)
     assert first[0] is not None and _sdpa_mask("prefix", prefix.meta, prefix.meta)[0] is first[0]  # built once

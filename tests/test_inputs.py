@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from qfusion.inputs import (check_budget, check_left_padded, check_placeholders, decode_call, decode_questions,
+from qfusion import Budget
+from qfusion.inputs import (check_left_padded, check_placeholders, decode_call, decode_questions,
                             encode_questions, placeholder_counts, placeholder_runs)
 
 
@@ -44,25 +45,16 @@ def test_encode_refuses_empty_samples_and_questions():
 
 
 def test_placeholder_counts_runs_and_check_under_a_budget():
-    assert placeholder_counts(3, (4, 2)) == [4, 2, 2]
-    assert placeholder_counts(1, (4, 2), prefix=32) == [36]
+    assert placeholder_counts(3, Budget(4, 2)) == [4, 2, 2]
+    assert placeholder_counts(1, Budget(4, 2), prefix=32) == [36]
     ids = torch.tensor([[1, 4, 4, 4, 9, 4, 9, 4, 4], [4, 4, 4, 9, 9, 9, 9, 9, 9]])
     assert placeholder_runs(ids[0], 4) == [3, 1, 2]
     with pytest.raises(ValueError, match=r"sample 0 has image placeholder runs \[3, 1, 2\] \(total 6\), "
                                          r"expected \[3, 1, 1\]"):
-        check_placeholders(ids, 4, [3, 1], (3, 1))
+        check_placeholders(ids, 4, [3, 1], Budget(3, 1))
     with pytest.raises(ValueError, match="2 host query tokens"):
-        check_placeholders(ids, 4, [2, 1], (3, 1), prefix=2)
-    check_placeholders(ids[1:], 4, [1], (3, 1))
-
-
-def test_budget_is_checked_against_the_codebook():
-    assert check_budget((4, 2), 8) == (4, 2)
-    for bad in [(2, 4), (0, 0), (4,), "4,2", (4.0, 2), (True, 1)]:
-        with pytest.raises(ValueError, match="qfusion_budget"):
-            check_budget(bad, 8)
-    with pytest.raises(ValueError, match="m <= codebook_size=8"):
-        check_budget((9, 2), 8)
+        check_placeholders(ids, 4, [2, 1], Budget(3, 1), prefix=2)
+    check_placeholders(ids[1:], 4, [1], Budget(3, 1))
 
 
 def test_right_padded_generation_inputs_are_refused():
@@ -74,12 +66,12 @@ def test_right_padded_generation_inputs_are_refused():
 def test_a_call_is_decoded_once_with_its_image_layout_checked():
     questions, mask = encode_questions([[[5, 6], [7]]])
     ids = torch.tensor([[4, 4, 4, 9, 4, 9]])
-    decoded, counts = decode_call(ids, questions, mask, None, token_id=4, budget=(3, 1))
+    decoded, counts = decode_call(ids, questions, mask, None, token_id=4, budget=Budget(3, 1))
     assert [q.tolist() for q in decoded[0]] == [[5, 6], [7]] and counts is None
     two_images = torch.tensor([[2, 0]])
     with pytest.raises(ValueError, match="'blip-2' host takes one image per prompt"):
-        decode_call(ids, questions, mask, two_images, token_id=4, budget=(3, 1), multi_image=False, host="blip-2")
+        decode_call(ids, questions, mask, two_images, token_id=4, budget=Budget(3, 1), multi_image=False, host="blip-2")
     with pytest.raises(ValueError, match=r"expected \[6, 2\]"):  # two images: 2 x m, then n per image
-        decode_call(ids, questions, mask, two_images, token_id=4, budget=(3, 1))
+        decode_call(ids, questions, mask, two_images, token_id=4, budget=Budget(3, 1))
     with pytest.raises(ValueError, match="qfusion_input_ids: required"):
-        decode_call(ids, None, None, None, token_id=4, budget=(3, 1))
+        decode_call(ids, None, None, None, token_id=4, budget=Budget(3, 1))

@@ -4,7 +4,7 @@ import torch
 from qfusion.layout import NO_GROUP, QUERY, TEXT, VISION, dense_mask, mask_rule, pack
 
 # v v | t q e | t e | t e : vision 2, group 0 (1 text + m=2), groups 1 and 2 (1 text + n=1)
-SMALL = dict(vision_lengths=[2], question_lengths=[[1, 1, 1]], m=2, n=1)
+SMALL = dict(vision_lengths=[2], question_lengths=[[1, 1, 1]], budget=(2, 1))
 
 EXPECTED = {
     "causal": [
@@ -79,7 +79,7 @@ def test_mixed_batch_counts_and_offsets():
     vision = [5, 9, 3, 0]
     questions = [[2, 4], [3], [1, 1, 2, 3], [7]]
     m, n = 4, 2
-    layout = pack(vision, questions, m=m, n=n, policy="prefix")
+    layout = pack(vision, questions, budget=(m, n), policy="prefix")
     lengths = [v + sum(q) + m + (len(q) - 1) * n for v, q in zip(vision, questions)]
     assert lengths == [17, 16, 20, 11]
     cu = [0]
@@ -110,7 +110,7 @@ def test_mixed_batch_counts_and_offsets():
 
 
 def test_no_question_ablation_groups_hold_only_slots():
-    layout = pack([3], [[0, 0]], m=3, n=2)
+    layout = pack([3], [[0, 0]], budget=(3, 2))
     assert layout.meta.kind.tolist() == [VISION] * 3 + [QUERY] * 5
     assert layout.text_index.numel() == 0
 
@@ -126,12 +126,12 @@ def test_mask_rule_broadcasts_and_rejects_unknown_policy():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(vision_lengths=[2], question_lengths=[[1]], m=0, n=1), "m: expected an integer >= 1"),
-        (dict(vision_lengths=[2], question_lengths=[[1]], m=2, n=3), "n: expected n <= m"),
-        (dict(vision_lengths=[2, 3], question_lengths=[[1]], m=2, n=1), "question_lengths: expected one list"),
-        (dict(vision_lengths=[2], question_lengths=[[]], m=2, n=1), r"question_lengths\[0\]"),
-        (dict(vision_lengths=[2], question_lengths=[[1]], m=2, n=1, policy="full"), "policy"),
-        (dict(vision_lengths=[], question_lengths=[], m=2, n=1), "at least one sample"),
+        (dict(vision_lengths=[2], question_lengths=[[1]], budget=(0, 1)), "budget: m, n: expected 1 <= n <= m"),
+        (dict(vision_lengths=[2], question_lengths=[[1]], budget=(2, 3)), "budget: m, n: expected 1 <= n <= m"),
+        (dict(vision_lengths=[2, 3], question_lengths=[[1]], budget=(2, 1)), "question_lengths: expected one list"),
+        (dict(vision_lengths=[2], question_lengths=[[]], budget=(2, 1)), r"question_lengths\[0\]"),
+        (dict(vision_lengths=[2], question_lengths=[[1]], budget=(2, 1), policy="full"), "policy"),
+        (dict(vision_lengths=[], question_lengths=[], budget=(2, 1)), "at least one sample"),
     ],
 )
 def test_pack_rejects_bad_input(kwargs, match):

@@ -9,7 +9,7 @@ from conftest_hosts import (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, capture_llm_inputs, 
 from safetensors.torch import load_file
 
 import qfusion
-from qfusion import QFusionProcessor
+from qfusion import Budget, QFusionProcessor
 from qfusion.adapters import FusionCache
 from qfusion.inputs import decode_questions, visual_blocks, visual_kinds
 
@@ -102,7 +102,7 @@ def test_mixed_images_and_video_each_fused_with_the_questions_about_it(hosts):
     batch = processor(images=[pictures], videos=[[clip]], conversations=[MIXED])
     assert batch["qfusion_image_counts"].tolist() == [[2, 1]] and batch["batch_num_images"].tolist() == [2]
     ids = batch["input_ids"][0]
-    blocks = visual_blocks(ids, (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID), 2, (m, n), 0, [2, 1])
+    blocks = visual_blocks(ids, (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID), 2, Budget(m, n), 0, [2, 1])
     assert blocks == [(0, IMAGE_TOKEN_ID, m), (1, VIDEO_TOKEN_ID, m), (2, IMAGE_TOKEN_ID, m)]
     assert visual_kinds(blocks) == [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, IMAGE_TOKEN_ID]
     embeds = spliced(model, batch)[0]

@@ -259,8 +259,8 @@ def test_bad_forward_input_raises_clearly(make_args, error, match):
         fusion(*make_args(vision, questions))
 
 
-@pytest.mark.parametrize("m, n, match", [(0, 1, "m: expected an integer >= 1"), (11, 2, "codebook_size=10"),
-                                         (4, 5, "n: expected n <= m"), (4, 0, "n: expected an integer >= 1")])
+@pytest.mark.parametrize("m, n, match", [(0, 1, "m, n: expected 1 <= n <= m"), (11, 2, "codebook_size=10"),
+                                         (4, 5, "m, n: expected 1 <= n <= m"), (4, 0, "expected 1 <= n <= m")])
 def test_bad_budgets_raise(m, n, match):
     fusion = tiny_fusion()
     vision, questions = batch()
@@ -289,8 +289,8 @@ def test_ask_rejects_foreign_state_and_bad_ids():
     "overrides, match",
     [
         (dict(num_heads=3), "num_heads: expected a divisor"),
-        (dict(m=11), "m: expected m <= codebook_size"),
-        (dict(n=5), "n: expected n <= m"),
+        (dict(m=11), "m, n: expected m <= codebook_size"),
+        (dict(n=5), "m, n: expected 1 <= n <= m"),
         (dict(mask="full"), "mask: expected one of"),
         (dict(attn_impl="cuda"), "attn_impl: expected one of"),
         (dict(hidden_size=0), "hidden_size: expected a positive integer"),
@@ -328,7 +328,7 @@ def test_config_is_immutable_and_changes_through_replace():
         config.m = 2
     changed = config.replace(m=2, n=1)
     assert (changed.m, changed.n, config.m, config.n) == (2, 1, 4, 2)
-    with pytest.raises(ValueError, match="n: expected n <= m"):
+    with pytest.raises(ValueError, match="m, n: expected 1 <= n <= m"):
         config.replace(m=1)
     with pytest.raises(ValueError, match="unknown FusionConfig fields"):
         config.replace(hiden_size=3)

@@ -119,10 +119,10 @@ def assert_flash_close(meta_q, meta_k, policy, dtype, *, heads=2, dim=32, seed=0
 # and groups; one with m = n = 1; one with a sample without vision and long questions; one sample of
 # 273 tokens with paper-like proportions.
 LAYOUTS = {
-    "ragged": (dict(vision_lengths=[37, 20, 5], question_lengths=[[1, 5], [3], [1, 1, 2]], m=5, n=3), (16, 16)),
-    "single-slot": (dict(vision_lengths=[19, 33], question_lengths=[[1], [1, 1, 1]], m=1, n=1), (32, 16)),
-    "no-vision": (dict(vision_lengths=[0, 23], question_lengths=[[17, 2], [9, 1]], m=6, n=2), (16, 32)),
-    "long": (dict(vision_lengths=[150], question_lengths=[[30, 12, 1]], m=48, n=16), (32, 32)),
+    "ragged": (dict(vision_lengths=[37, 20, 5], question_lengths=[[1, 5], [3], [1, 1, 2]], budget=(5, 3)), (16, 16)),
+    "single-slot": (dict(vision_lengths=[19, 33], question_lengths=[[1], [1, 1, 1]], budget=(1, 1)), (32, 16)),
+    "no-vision": (dict(vision_lengths=[0, 23], question_lengths=[[17, 2], [9, 1]], budget=(6, 2)), (16, 32)),
+    "long": (dict(vision_lengths=[150], question_lengths=[[30, 12, 1]], budget=(48, 16)), (32, 32)),
 }
 
 
@@ -142,13 +142,13 @@ def test_output_and_gradients_match_float64_reference(policy, layout_name, dtype
 def test_each_pass_with_its_own_tile_sizes_matches_reference(policy):
     # forward, dK/dV and dQ with three different tilings: each pass reads its own tile lists
     config = KernelConfig(PassConfig(32, 16), PassConfig(16, 32), PassConfig(16, 16))
-    layout = pack([37, 20, 5], [[1, 5], [3], [1, 1, 2]], m=5, n=3, policy=policy)
+    layout = pack([37, 20, 5], [[1, 5], [3], [1, 1, 2]], budget=(5, 3), policy=policy)
     assert_flash_close(layout.meta, layout.meta, policy, torch.float16, config=config, seed=11)
 
 
 def test_large_logits_stay_finite_and_match_reference_float16():
     # scores of ~1e3: a half-precision softmax would overflow; the kernel's is float32
-    layout = pack([30], [[4, 3]], m=4, n=2, policy="prefix")
+    layout = pack([30], [[4, 3]], budget=(4, 2), policy="prefix")
     meta = to_device(layout.meta)
     q, k, v, _ = random_inputs(layout.num_tokens, layout.num_tokens, 1, 16, seed=12)
     q, k = q * 40, k * 40
@@ -161,7 +161,7 @@ def test_large_logits_stay_finite_and_match_reference_float16():
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter refuses bfloat16; a GPU runs it")
 def test_bfloat16_under_the_interpreter_is_refused_naming_the_reason():
-    layout = pack([5], [[2]], m=2, n=1)
+    layout = pack([5], [[2]], budget=(2, 1))
     q = torch.randn(layout.num_tokens, 1, 16, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="q: bfloat16 is not supported under the Triton interpreter"):
         triton_fusion_attention(q, q, q, layout.meta, layout.meta, policy="causal")
@@ -171,13 +171,13 @@ def test_bfloat16_under_the_interpreter_is_refused_naming_the_reason():
 
 @pytest.mark.parametrize("dim", [16, 40, 64])
 def test_head_dims_that_need_padding_or_small_tiles(dim):
-    layout = pack([21], [[3, 2]], m=4, n=2, policy="prefix")
+    layout = pack([21], [[3, 2]], budget=(4, 2), policy="prefix")
     assert_flash_close(layout.meta, layout.meta, "prefix", torch.float32, heads=1, dim=dim, block_m=32, block_n=32)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_incremental_queries_against_cached_keys_match_reference(policy):
-    layout = pack([18, 7, 30], [[2, 1, 3], [4], [1, 2]], m=4, n=2, policy=policy)
+    layout = pack([18, 7, 30], [[2, 1, 3], [4], [1, 2]], budget=(4, 2), policy=policy)
     meta_q, meta_k = incremental_metas(layout, asking={0, 2})  # sample 1 has no new queries
     assert meta_q.seqlens().tolist()[1] == 0 and meta_q.seqlens().tolist() != meta_k.seqlens().tolist()
     assert_flash_close(meta_q, meta_k, policy, torch.float32, seed=3)
@@ -187,7 +187,7 @@ def test_incremental_queries_against_cached_keys_match_reference(policy):
 def test_vision_prefix_alone_matches_reference(policy):
     # What `start` runs: vision against vision; under prefix/grouped every tile is fully visible,
     # including the short last tile of each sample.
-    layout = pack([37, 9, 20], [[1], [1], [1]], m=1, n=1, policy=policy)
+    layout = pack([37, 9, 20], [[1], [1], [1]], budget=(1, 1), policy=policy)
     sample = layout.meta.sample_ids()
     vision = [r[layout.meta.kind[r] == VISION] for r in ((sample == b).nonzero().flatten() for b in range(3))]
     meta = select(layout.meta, vision)
@@ -225,7 +225,7 @@ def random_cases(draw):
     vision = draw(st.lists(st.integers(0, 40), min_size=samples, max_size=samples))
     questions = draw(st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=3), min_size=samples, max_size=samples))
     m = draw(st.integers(1, 6))
-    layout = pack(vision, questions, m=m, n=draw(st.integers(1, m)), policy=policy)
+    layout = pack(vision, questions, budget=(m, draw(st.integers(1, m))), policy=policy)
     if draw(st.booleans()):
         metas = incremental_metas(layout, set(draw(st.lists(st.integers(0, samples - 1)))))
     else:
@@ -253,7 +253,7 @@ def test_random_layouts_match_reference_many_examples(case):
 
 
 def test_fusion_attention_impl_triton_equals_eager():
-    layout = pack([13, 26], [[2, 3], [1]], m=4, n=3, policy="grouped")
+    layout = pack([13, 26], [[2, 3], [1]], budget=(4, 3), policy="grouped")
     meta = to_device(layout.meta)
     q, k, v, grad_out = random_inputs(layout.num_tokens, layout.num_tokens, 2, 32, seed=5)
     results = {
@@ -309,7 +309,7 @@ def assert_tile_plan_sound(meta_q, meta_k, policy, block_m, block_n):
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 64), (64, 16)])
 def test_tile_skipping_never_hides_a_visible_pair(policy, blocks):
-    layout = pack([37, 130, 5, 0], [[1, 20, 17], [3], [1, 1, 2, 40], [16, 16]], m=20, n=9, policy=policy)
+    layout = pack([37, 130, 5, 0], [[1, 20, 17], [3], [1, 1, 2, 40], [16, 16]], budget=(20, 9), policy=policy)
     assert_tile_plan_sound(layout.meta, layout.meta, policy, *blocks)
     assert_tile_plan_sound(*incremental_metas(layout, {0, 2, 3}), policy, *blocks)
 
@@ -323,12 +323,12 @@ def test_tile_skipping_never_hides_a_visible_pair_on_random_layouts(policy, data
     questions = data.draw(st.lists(st.lists(st.integers(0, 20), min_size=1, max_size=4),
                                    min_size=samples, max_size=samples))
     m = data.draw(st.integers(1, 40))
-    layout = pack(vision, questions, m=m, n=data.draw(st.integers(1, m)), policy=policy)
+    layout = pack(vision, questions, budget=(m, data.draw(st.integers(1, m))), policy=policy)
     assert_tile_plan_sound(layout.meta, layout.meta, policy, block_m, block_n)
 
 
 def test_transposed_lists_of_the_backward_hold_the_same_pairs():
-    layout = pack([37, 130], [[1, 20, 17], [3]], m=20, n=9, policy="grouped")
+    layout = pack([37, 130], [[1, 20, 17], [3]], budget=(20, 9), policy="grouped")
     config = KernelConfig(PassConfig(32, 16), PassConfig(16, 32), PassConfig(64, 16))
     plan = build_plan(layout.meta, layout.meta, "grouped", config)
     by_key = tile_classes(layout.meta, layout.meta, "grouped", 16, 32).transpose(1, 2)
@@ -341,7 +341,7 @@ def test_transposed_lists_of_the_backward_hold_the_same_pairs():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is observable on CUDA only")
 def test_tile_lists_are_built_without_host_synchronisation():
-    layout = pack([37, 130], [[1, 20, 17], [3]], m=20, n=9, policy="grouped", device=DEVICE)
+    layout = pack([37, 130], [[1, 20, 17], [3]], budget=(20, 9), policy="grouped", device=DEVICE)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -352,7 +352,7 @@ def test_tile_lists_are_built_without_host_synchronisation():
 
 
 def test_inference_builds_the_forward_lists_only():
-    layout = pack([37, 20], [[1, 5], [3]], m=5, n=3, policy="prefix")
+    layout = pack([37, 20], [[1, 5], [3]], budget=(5, 3), policy="prefix")
     config = KernelConfig(PassConfig(32, 16), PassConfig(16, 32), PassConfig(16, 16))
     plan = build_plan(layout.meta, layout.meta, "prefix", config, backward=False)
     assert plan.dkdv is plan.fwd and plan.dq is plan.fwd
@@ -363,13 +363,13 @@ def test_inference_builds_the_forward_lists_only():
 
 
 def test_tile_skipping_is_exact_for_plain_causal():
-    meta = pack([255], [[0]], m=1, n=1, policy="causal").meta  # 256 tokens, 16 tiles of 16
+    meta = pack([255], [[0]], budget=(1, 1), policy="causal").meta  # 256 tokens, 16 tiles of 16
     # executed: the lower triangle with its diagonal; unmasked: strictly below the diagonal
     assert tile_stats(meta, meta, "causal", 16, 16) == (16 * 16, 16 * 17 // 2, 16 * 15 // 2)
 
 
 def test_grouped_skips_other_groups_and_prefix_keeps_vision_tiles():
-    layout = pack([64], [[16, 16, 16]], m=16, n=16, policy="grouped")  # tiles: 4 vision, then 2 per group
+    layout = pack([64], [[16, 16, 16]], budget=(16, 16), policy="grouped")  # tiles: 4 vision, then 2 per group
     classes = tile_classes(layout.meta, layout.meta, "grouped", 16, 16)[0]
     assert (classes[8:10, 6:8] == SKIP).all()  # group 2 does not see group 1
     assert (classes[8:10, :6] != SKIP).all()  # ... but sees vision and group 0
@@ -381,7 +381,7 @@ def test_grouped_skips_other_groups_and_prefix_keeps_vision_tiles():
 
 
 def op_arguments(policy="prefix", requires_grad=True):
-    layout = pack([11, 4], [[2, 1], [3]], m=3, n=2, policy=policy)
+    layout = pack([11, 4], [[2, 1], [3]], budget=(3, 2), policy=policy)
     meta = to_device(layout.meta)
     stacked = torch.stack([meta.kind, meta.group, meta.order])
     config = KernelConfig.uniform(16, 16)
@@ -416,7 +416,7 @@ def test_torch_compile_traces_through_the_op_in_one_graph():
 
 
 def test_rejects_bad_inputs_naming_the_argument():
-    layout = pack([5], [[2]], m=2, n=1)
+    layout = pack([5], [[2]], budget=(2, 1))
     meta = to_device(layout.meta)
     q = torch.randn(layout.num_tokens, 1, 16, device=DEVICE)
     with pytest.raises(TypeError, match="q: expected dtype"):
@@ -478,7 +478,7 @@ def test_autotune_keeps_the_fastest_candidate_and_records_it(monkeypatch):
     from qfusion.ops.kernel_configs import candidates
 
     monkeypatch.setattr(triton_attention, "_tuned", {})
-    layout = pack([20], [[3, 2]], m=4, n=2, policy="prefix")
+    layout = pack([20], [[3, 2]], budget=(4, 2), policy="prefix")
     meta = to_device(layout.meta)
     q, k, v, _ = random_inputs(layout.num_tokens, layout.num_tokens, 1, 16, seed=13)
     q, k, v = (x.to(DEVICE, torch.float32).requires_grad_() for x in (q, k, v))

@@ -19,7 +19,8 @@ from qfusion.adapters.cache import FusionCache
 from qfusion.adapters.lora import active_module, unwrap_model
 from qfusion.adapters.patching import InstancePatch, QFusionArguments
 from qfusion.adapters.plugin import AdapterSettings, save_plugin
-from qfusion.inputs import VisualPlan, check_budget, check_left_padded, decode_call
+from qfusion.budget import Budget
+from qfusion.inputs import VisualPlan, check_left_padded, decode_call
 from qfusion.model import QuestionFusion
 from qfusion.vision import HDFrontEnd
 
@@ -114,15 +115,15 @@ class HostAdapter:
         return None if module is None else active_module(module)
 
     @property
-    def budget(self) -> tuple[int, int]:
+    def budget(self) -> Budget:
         """The plugin's configured default (m, n)."""
-        return self.fusion.config.m, self.fusion.config.n
+        return self.fusion.config.budget
 
-    def call_budget(self, qfusion: QFusionArguments) -> tuple[int, int]:
+    def call_budget(self, qfusion: QFusionArguments) -> Budget:
         """The (m, n) of one call: its ``qfusion_budget`` or the configured default."""
         if qfusion.budget is None:
             return self.budget
-        return check_budget(qfusion.budget, self.fusion.config.codebook_size)
+        return Budget.of(qfusion.budget, codebook_size=self.fusion.config.codebook_size)
 
     # ------------------------------------------------------------------ the shared fused-token step
 
@@ -173,10 +174,9 @@ class HostAdapter:
             features, host = encode()
             return [v.to(device=device, dtype=fusion.dtype) for v in features], host
 
-        m, n = budget
         if cache is None:
             features, host = vision()
-            return fusion(features, questions, m=m, n=n).tokens, host
+            return fusion(features, questions, budget=budget).tokens, host
         if not isinstance(cache, FusionCache):
             raise TypeError(f"qfusion_cache: expected a qfusion.adapters.FusionCache, got {type(cache).__name__}")
         return cache.fuse(fusion, vision, pixel_values, questions, budget, context)

@@ -66,7 +66,7 @@ class FusionCache:
         entry = self._entry
         if entry is None or entry.owner() is not fusion or len(entry.questions) != len(questions):
             return False
-        if (entry.state.m, entry.state.n) != tuple(budget):
+        if entry.state.budget != tuple(budget):
             return False
         if pixel_values is not None and not _same(pixel_values, entry.pixel_values):
             return False
@@ -101,7 +101,7 @@ class FusionCache:
             vision, host = encode()
             entry = _Entry(weakref.ref(fusion), pixel_values.detach().clone(),
                            None if context is None else context.detach().clone(), host,
-                           [[] for _ in questions], [[] for _ in questions], fusion.start(vision, m=budget[0], n=budget[1]))
+                           [[] for _ in questions], [[] for _ in questions], fusion.start(vision, budget=budget))
         pending = [sample[len(asked):] for sample, asked in zip(questions, entry.questions)]
         for step in range(max((len(p) for p in pending), default=0)):
             ask = [p[step] if step < len(p) else None for p in pending]

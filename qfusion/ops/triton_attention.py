@@ -508,7 +508,7 @@ def tile_stats(meta_q: AttentionMeta, meta_k: AttentionMeta, policy: str,
     """How many tile pairs the kernel executes for a layout (for benchmarks and tuning).
 
     >>> from qfusion.layout import pack
-    >>> meta = pack([128], [[20, 12, 12]], m=44, n=20, policy="grouped").meta  # 8 tiles of 32
+    >>> meta = pack([128], [[20, 12, 12]], budget=(44, 20), policy="grouped").meta  # 8 tiles of 32
     >>> tile_stats(meta, meta, "causal", 32, 32)
     TileStats(total=64, executed=36, unmasked=28)
     >>> stats = tile_stats(meta, meta, "grouped", 32, 32)  # + vision-vision, - group 2 vs group 1

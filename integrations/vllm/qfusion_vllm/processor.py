@@ -28,7 +28,7 @@ from vllm.multimodal.processing import (
     PromptReplacement,
 )
 
-from qfusion.inputs import check_budget
+from qfusion.budget import Budget
 from qfusion_vllm.plugin import QUESTION_END_FIELD, PluginSpec, plugin_directory, read_plugin
 
 BUDGET_KWARG = "qfusion_budget"
@@ -78,7 +78,7 @@ class QFusionLlavaProcessingInfo(BaseProcessingInfo):
             return self.host_tokens if plugin is None else plugin.config.m
         if plugin is None:
             raise ValueError(f"mm_processor_kwargs: {BUDGET_KWARG!r} needs a qfusion plugin (none is configured)")
-        m, _ = check_budget(requested, plugin.config.codebook_size, name=f"mm_processor_kwargs[{BUDGET_KWARG!r}]")
+        m, _ = Budget.of(requested, name=f"mm_processor_kwargs[{BUDGET_KWARG!r}]", codebook_size=plugin.config.codebook_size)
         return m
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
