@@ -7,7 +7,7 @@ Hosts are random-weight transformers models sized to the machine (on CPU a 134M-
   reads the vision tower's features, as in the paper, where it takes the place of LLaVA's projector;
 * ``qwen2_5_vl``: ``Qwen2_5_VLForConditionalGeneration`` with an image (672 px: 576 merged tokens)
   and a video (32 frames of 336 px: 16 × 12 × 12 = 2,304 merged tokens); the plugin reads the
-  features after the patch merger, and its fused tokens take the M-RoPE positions of the README's rule.
+  features after the patch merger, and its fused tokens take the M-RoPE positions of the rule in docs/hosts.md.
 
 The plugin is sized in the paper's proportion to its LLM (~4 % of the LLM's parameters outside the
 embedding tables: hidden 256 × 4 layers here, the paper's hidden 1024 × 20 layers on the GPU).
@@ -32,7 +32,7 @@ Peak memory is the rise of the process's peak RSS during the call on CPU (``/pro
 VmHWM, reset before each call) and of ``torch.cuda.max_memory_allocated`` on a GPU.
 
     python benchmarks/prefill.py [--hosts llava,qwen2_5_vl] [--size auto|cpu|7b] [--rounds 3] [--tokens 1,16,64]
-    python benchmarks/prefill.py --table benchmarks/results/prefill-cpu.json   # the README's table
+    python benchmarks/prefill.py --table benchmarks/results/prefill-cpu.json   # the table in docs/kernels.md
 """
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ def rows_of(cases: list[Case]) -> list[dict]:
 
 
 def markdown_table(result: dict) -> str:
-    """The README's table of a result: one line per case."""
+    """The table in docs/kernels.md of a result: one line per case."""
     lines = ["| host | visual | case | G | N | LLM tokens | TTFT (s) | peak MiB | speed-up | of the limit's |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:

@@ -83,7 +83,7 @@ METRICS = ("exact_match", "vqa_match")
 
 @dataclass
 class OptimConfig:
-    """Optimisation (YAML section ``optim``): the paper's 7B settings by default; see the README for
+    """Optimisation (YAML section ``optim``): the paper's 7B settings by default; see docs/training.md for
     the settings of a small fresh plugin (a far larger learning rate)."""
 
     lr: float = 2e-5

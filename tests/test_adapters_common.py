@@ -1,4 +1,4 @@
-"""qfusion.adapters (dispatch, the shared base, FusionCache) and the README's adapter sections."""
+"""qfusion.adapters (dispatch, the shared base, FusionCache) and the attach examples of the README and docs/hosts.md."""
 
 import pytest
 import torch
@@ -14,8 +14,9 @@ from qfusion.adapters import ADAPTERS, FusionCache, get_adapter
 from qfusion.adapters.lora import active_module
 from qfusion.inputs import placeholder_runs
 
-SECTIONS = ("Wrap a LLaVA checkpoint", "Wrap a Qwen2.5-VL / Qwen3-VL checkpoint", "Wrap a LLaVA-OneVision checkpoint",
-            "Wrap BLIP-2 / InstructBLIP")
+DOC_SECTIONS = (("README.md", "Attach to a host"), ("docs/hosts.md", "Wrap a LLaVA checkpoint"),
+                ("docs/hosts.md", "Wrap a Qwen2.5-VL / Qwen3-VL checkpoint"),
+                ("docs/hosts.md", "Wrap a LLaVA-OneVision checkpoint"), ("docs/hosts.md", "Wrap BLIP-2 / InstructBLIP"))
 CHECKPOINTS = {"llava-hf/llava-1.5-7b-hf": "llava", "Salesforce/blip2-opt-2.7b": "blip-2",
                "Salesforce/instructblip-vicuna-7b": "instructblip", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl",
                "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava_onevision"}
@@ -24,22 +25,22 @@ STAND_IN_PROCESSORS = {"Wrap a Qwen2.5-VL / Qwen3-VL checkpoint": VideoHostProce
 """Sections whose hub processor needs torchvision (for its video processor): AutoProcessor gives the stand-in."""
 
 
-@pytest.mark.parametrize("title", SECTIONS)
-def test_readme_adapter_sections_run_as_written(hosts, title, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("page", "title"), DOC_SECTIONS)
+def test_docs_adapter_sections_run_as_written(hosts, page, title, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if title in STAND_IN_PROCESSORS:
         import transformers
 
         monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", staticmethod(STAND_IN_PROCESSORS[title]))
     Image.fromarray(images(1, size=(60, 80))[0]).save("photo.jpg")
-    blocks = python_blocks(title)
+    blocks = python_blocks(title, page)
     assert blocks
     namespace: dict = {}
     torch.manual_seed(0)
     for block in blocks:
         for checkpoint, kind in CHECKPOINTS.items():  # the hub checkpoints, as tiny random ones
             block = block.replace(repr(checkpoint).replace("'", '"'), repr(hosts.directory(kind)))
-        exec(compile(checked(block), f"README ({title})", "exec"), namespace)
+        exec(compile(checked(block), f"{page} ({title})", "exec"), namespace)
 
 
 def test_every_supported_model_type_has_an_adapter():

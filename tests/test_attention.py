@@ -9,6 +9,7 @@ from qfusion.ops import fusion_attention
 from qfusion.ops import attention as attention_module
 
 POLICIES = ["causal", "prefix", "grouped"]
+DOC_SECTIONS = (("docs/kernels.md", "Attention backends"),)
 
 
 def ragged_layout(policy):
@@ -205,13 +206,14 @@ def test_eager_half_stays_finite_at_large_logits(dtype):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2 * torch.finfo(dtype).eps * want.abs().max().item())
 
 
-def test_readme_attention_backends_example_runs():
+def test_docs_attention_backends_example_runs():
     from readme_blocks import python_blocks
 
-    blocks = python_blocks("Attention backends")
-    assert blocks, "the README's attention section has no example"
-    for block in blocks:
-        exec(compile(block, "README.md (Attention backends)", "exec"), {})
+    for page, section in DOC_SECTIONS:
+        blocks = python_blocks(section, page)
+        assert blocks, f"{page}: section {section!r} has no example"
+        for block in blocks:
+            exec(compile(block, f"{page} ({section})", "exec"), {})
 
 
 def test_sdpa_runs_a_full_causal_forward_without_a_mask_and_equals_eager_with_grads():

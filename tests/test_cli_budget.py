@@ -72,14 +72,14 @@ def test_budget_needs_exactly_one_goal_and_a_readable_file(fits_json, tmp_path, 
     assert "qfusion budget:" in capsys.readouterr().err
 
 
-def test_readme_budget_block_prints_what_the_api_gives(capsys):
+def test_docs_budget_block_prints_what_the_api_gives(capsys):
     from readme_blocks import python_blocks
 
-    (block,) = [b for b in python_blocks("Scaling analysis") if "smallest_budget" in b]
-    exec(compile(block, "README.md (Scaling analysis)", "exec"), {})
+    (block,) = [b for b in python_blocks("Scaling analysis", "docs/scaling.md") if "smallest_budget" in b]
+    exec(compile(block, "docs/scaling.md (Scaling analysis)", "exec"), {})
     fit = fit_power_law([16, 64, 256, 576], [0.60, 0.72, 0.86, 0.94])
     choice = smallest_budget(fit, max_loss=0.05)
     expected = f"{choice.num_tokens} {choice.interval} {round(choice.target, 3)} {choice.extrapolated}"
     printed = capsys.readouterr().out.strip()
     assert printed == expected
-    assert block.rstrip().endswith(f"# {expected}")  # the comment in the README shows the real output
+    assert block.rstrip().endswith(f"# {expected}")  # the comment on the page shows the real output

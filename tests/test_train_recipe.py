@@ -386,7 +386,7 @@ def test_small_plugin_settings_train_a_fresh_plugin_where_the_7b_learning_rate_d
         loss = [r["loss"] for r in metrics(out)]
         results[name] = (np.mean(loss[-10:]), json.loads((out / "eval" / "eval.json").read_text())["budgets"][0])
     (small_loss, small_eval), (slow_loss, slow_eval) = results["small"], results["7b-lr"]
-    # the README's table: 0.14 vs 1.13 and 81.25 % vs 25 % here; the host itself answers 93.75 %
+    # the table in docs/training.md: 0.14 vs 1.13 and 81.25 % vs 25 % here; the host itself answers 93.75 %
     assert small_loss < 0.3 < slow_loss
     assert small_eval["all"]["vqa_match"] >= 75 and slow_eval["all"]["vqa_match"] <= 50
 

@@ -9,7 +9,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from qfusion import FusionConfig, QuestionFusion
 from qfusion.vision import HDFrontEnd, LocalMerge, encode_views, hd_views
 
-SECTION = "High-resolution front-end"
+DOC_SECTIONS = (("docs/hosts.md", "High-resolution front-end"),)
 
 
 def seeded(*shape, seed=0, dtype=torch.float32):
@@ -261,9 +261,10 @@ def test_clip_tower_front_end_and_fusion_end_to_end(clip_tower):
 # ---------------------------------------------------------------- documentation
 
 def test_high_resolution_section_runs_and_prints_what_it_says(capsys):
-    blocks = python_blocks(SECTION)
-    assert blocks, f"README: section {SECTION!r} has no python code"
+    ((page, section),) = DOC_SECTIONS
+    blocks = python_blocks(section, page)
+    assert blocks, f"{page}: section {section!r} has no python code"
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, f"README.md ({SECTION})", "exec"), namespace)
+        exec(compile(block, f"{page} ({section})", "exec"), namespace)
     assert capsys.readouterr().out.splitlines() == ["(10, 3, 56, 56) (10, 16, 64)", "(50, 64) (16, 96)", "1450"]

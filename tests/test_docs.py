@@ -1,0 +1,123 @@
+"""The README and docs/*.md: every python block runs under some test, links resolve, the prefill table and the
+demo's output are the committed JSON's, the README stays short, and the license that pyproject declares is there."""
+
+import ast
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from readme_blocks import ROOT, pages, python_blocks, python_blocks_with_headings, section_titles
+
+README_MAX_LINES = 250
+
+
+def declared_sections(tests_dir: Path) -> dict[str, tuple[tuple[str, str], ...]]:
+    """The literal DOC_SECTIONS of every test module, by file name; a module that declares them must use them."""
+    found = {}
+    for path in sorted(tests_dir.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        values = [node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and any(isinstance(target, ast.Name) and target.id == "DOC_SECTIONS" for target in node.targets)]
+        if not values:
+            continue
+        used = any(isinstance(node, ast.Name) and node.id == "DOC_SECTIONS" and isinstance(node.ctx, ast.Load)
+                   for node in ast.walk(tree))
+        assert used, f"{path.name} declares DOC_SECTIONS but never reads them"
+        found[path.name] = ast.literal_eval(values[0])
+    return found
+
+
+def unclaimed_blocks(page: str, claimed: set[str]) -> list[str]:
+    """The python blocks of `page` under none of the `claimed` section titles, as 'heading > heading: first line'."""
+    return [f"{' > '.join(titles)}: {block.splitlines()[0] if block.strip() else '(empty)'}"
+            for titles, block in python_blocks_with_headings(page) if not claimed & set(titles)]
+
+
+def claims() -> dict[str, set[str]]:
+    by_page: dict[str, set[str]] = {}
+    for sections in declared_sections(ROOT / "tests").values():
+        for page, section in sections:
+            by_page.setdefault(page, set()).add(section)
+    return by_page
+
+
+def test_every_python_block_of_every_page_is_run_by_a_test():
+    by_page = claims()
+    assert "README.md" in by_page and "docs/hosts.md" in by_page
+    unrun = {page: blocks for page in pages() if (blocks := unclaimed_blocks(page, by_page.get(page, set())))}
+    assert not unrun, f"python blocks that no test's DOC_SECTIONS runs: {unrun}"
+
+
+def test_every_declared_section_exists_once_and_holds_python_code():
+    for module, sections in declared_sections(ROOT / "tests").items():
+        for page, section in sections:
+            assert page in pages(), f"{module}: {page} is not a documentation page"
+            assert python_blocks(section, page), f"{module}: {page} section {section!r} has no python code"
+
+
+def test_the_block_check_finds_a_block_outside_the_claimed_sections(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Page\n\n## Run\n\n```python\nx = 1\n```\n\n### Nested\n\n```python\ny = 2\n```\n\n"
+                    "## Not run\n\n```bash\n# a comment, not a heading\n```\n\n```python\nz = 3\n```\n")
+    assert section_titles(str(page)) == ["Page", "Run", "Nested", "Not run"]
+    assert python_blocks("Run", str(page)) == ["x = 1\n", "y = 2\n"]
+    assert unclaimed_blocks(str(page), {"Run"}) == ["Page > Not run: z = 3"]
+    assert unclaimed_blocks(str(page), {"Page"}) == []
+    with pytest.raises(AssertionError, match="0 sections titled 'Missing'"):
+        python_blocks("Missing", str(page))
+
+
+def _anchor(title: str) -> str:
+    """The anchor a heading gets when the page is rendered: lower case, punctuation dropped, spaces as '-'."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def test_relative_links_and_anchors_resolve():
+    broken = []
+    for page in pages():
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", (ROOT / page).read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path = (ROOT / page).parent / target if target else ROOT / page
+            if not path.exists():
+                broken.append(f"{page}: {target}")
+            elif anchor and anchor not in {_anchor(t) for t in section_titles(str(path.relative_to(ROOT)))}:
+                broken.append(f"{page}: {target}#{anchor}")
+    assert not broken, broken
+
+
+def test_prefill_table_is_printed_from_the_committed_json(monkeypatch):
+    spec = importlib.util.spec_from_file_location("qfusion_prefill_benchmark", ROOT / "benchmarks" / "prefill.py")
+    prefill = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, prefill)  # its dataclasses look their module up while it loads
+    spec.loader.exec_module(prefill)
+    table = prefill.markdown_table(json.loads((ROOT / "benchmarks" / "results" / "prefill-cpu.json").read_text()))
+    assert table.count("\n") > 10
+    assert table in (ROOT / "docs" / "kernels.md").read_text()
+
+
+def test_demo_output_on_its_page_is_the_report_of_the_committed_json():
+    from qfusion.demo.report import ALL, format_fits, format_gain, format_honesty, format_table
+
+    results = json.loads((ROOT / "docs" / "demo_results.json").read_text())
+    budgets = tuple(int(b) for b in results["budgets"] if b != ALL)
+    report = "\n\n".join([format_table(results["summary"], results["chance"], budgets, len(results["recipe"]["seeds"]),
+                                        results["test_questions"]),
+                           format_fits(results["fits"]), format_gain(results["gain"]), format_honesty(results["honesty"])])
+    (printed,) = re.findall(r"```text\n(.*?)```", (ROOT / "docs" / "demo.md").read_text(), flags=re.S)
+    assert printed.strip() == report.strip()
+
+
+def test_readme_stays_short():
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; topic text belongs in docs/"
+
+
+def test_the_license_pyproject_declares_is_a_file_of_the_package():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License\n\nCopyright (c) 2026 the qfusion authors\n")
