@@ -68,7 +68,7 @@ from transformers import (AutoModel, AutoModelForImageTextToText, AutoProcessor,
 import qfusion
 from qfusion import FusionConfig, QFusionProcessor
 from qfusion.adapters import get_adapter
-from qfusion.adapters.lora import unwrap_model as peft_base
+from qfusion.adapters.patching import unwrap_model as peft_base
 from qfusion.answer_encoder import AnswerEncoder
 from qfusion.config import RUNTIME_FIELDS
 from qfusion.budget import Budget
@@ -505,7 +505,8 @@ def align_loss(model, encoder: AnswerEncoder, batch) -> torch.Tensor:
     fusion = adapter.fusion
     questions = decode_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"],
                                  batch["input_ids"].shape[0])
-    features = [f.to(fusion.dtype) for f in adapter.encode(batch["pixel_values"])]
+    host_inputs = {k: v for k, v in batch.items() if not k.startswith("answer_") and k != "labels"}
+    features = [f.to(fusion.dtype) for f in adapter.encode(host_inputs)]
     m, n = batch["qfusion_budget"]
     out = fusion(features, [[q.to(fusion.device) for q in sample] for sample in questions], m=m, n=n)
     answer_ids = batch["answer_input_ids"]

@@ -62,3 +62,14 @@ def check_host_versions() -> None:
                 f"{requirement.name} {version}; install a supported release, "
                 f"e.g. pip install '{requirement.name}{requirement.specifier}'"
             )
+
+
+def check_minimum(name: str, minimum: str, needed_by: str) -> None:
+    """Raise ImportError unless distribution ``name`` is installed at ``minimum`` or later (for ``needed_by``)."""
+    version = installed_version(name)
+    if version is None or version < Version(minimum):
+        found = "not installed" if version is None else f"{name} {version}"
+        raise ImportError(
+            f"{name}: {needed_by} needs {name}>={minimum}, found {found}; install a newer release, "
+            f"e.g. pip install '{name}>={minimum}'"
+        )

@@ -128,8 +128,8 @@ def in_prompt_order(kinds: Sequence[int], features: dict[int, list], names: dict
         wanted = sum(k == kind for k in kinds)
         if len(given) != wanted:
             raise ValueError(
-                f"{names[kind]}: the prompts have {wanted} placeholder block(s) of its kind, the inputs hold "
-                f"{len(given)}"
+                f"{names[kind]}: expected {wanted} (one per placeholder block of its kind in the prompts, or as "
+                f"qfusion_image_counts says), got {len(given)}"
             )
     taken = {kind: iter(given) for kind, given in features.items()}
     return [next(taken[kind]) for kind in kinds]

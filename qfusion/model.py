@@ -137,6 +137,7 @@ class FusionState:
     kv: list[tuple[Tensor, Tensor]]  # per layer, cached (Tk, H, D) keys and values
     meta_k: AttentionMeta
     cursor: StepCursor  # per sample: groups asked so far, next order and position
+    version: tuple  # the module's version() when the state was computed
 
     @property
     def batch_size(self) -> int:
@@ -258,6 +259,13 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
     @property
     def device(self) -> torch.device:
         return self.eos.device
+
+    def version(self) -> tuple:
+        """What the module's outputs depend on beside its inputs: every weight (its identity and
+        in-place version, which an optimizer step or a load bumps), dtype, device and
+        ``use_question``. Incremental states and caches computed under another version are stale."""
+        return (self.config.use_question, self.dtype, self.device,
+                tuple((id(p), p._version) for p in self.parameters()))
 
     # ------------------------------------------------------------------ input checks
 
@@ -433,7 +441,7 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
         meta, positions, cursor = pack_vision([v.shape[0] for v in vision], self.device)
         h = self.vision_proj(torch.cat(vision))
         _, kv = self._run_layers(h, positions, meta, meta)
-        return FusionState(weakref.ref(self), budget, kv, meta, cursor)
+        return FusionState(weakref.ref(self), budget, kv, meta, cursor, self.version())
 
     def ask(self, state: FusionState, question_ids: Sequence[Tensor | None]):
         """Append one question group per sample to a started state; returns (tokens, new_state).
@@ -446,6 +454,11 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
         """
         if not isinstance(state, FusionState) or state.owner() is not self:
             raise ValueError("state: expected a FusionState returned by this module's start() or ask()")
+        if state.version != self.version():
+            raise ValueError(
+                "state: computed before this module's weights, dtype, device or use_question changed; "
+                "start() again (a stale state would give tokens of the old module)"
+            )
         if not isinstance(question_ids, (list, tuple)) or len(question_ids) != state.batch_size:
             raise ValueError(
                 f"question_ids: expected a list of {state.batch_size} entries (tensor or None), "
@@ -471,7 +484,7 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
             tokens[b] = t[0]
         keep, kept_meta = keys_to_keep(self.config.mask, meta_k, from_new, step.cursor)
         new_state = FusionState(state.owner, state.budget, [(k[keep], v[keep]) for k, v in kv], kept_meta,
-                                step.cursor)
+                                step.cursor, state.version)
         return tokens, new_state
 
     # ------------------------------------------------------------------ persistence

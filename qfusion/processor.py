@@ -1,35 +1,35 @@
 """QFusionProcessor: a host processor's inputs for a model with a qfusion plugin attached.
 
-The host processors (``LlavaProcessor``, ``LlavaNextProcessor``, ``LlavaOnevisionProcessor``,
-``Qwen2_5_VLProcessor``, ``Qwen3VLProcessor``, ``Blip2Processor``, ``InstructBlipProcessor``) expand
-every image (and video) into as many placeholders as the host has vision tokens. With the plugin a
-sample with G questions needs m placeholders right before its first question and n before each later
-one (BLIP ``augment``: the Q-Former's tokens first), and the questions themselves as
-``qfusion_input_ids`` / ``qfusion_attention_mask`` of shape (B, G_max, L_max). This wrapper
-builds both from the host's chat ``conversations`` (the user turns are the questions) or from plain
-question strings, the images through the host's image processor (or as HD views for an HD
-front-end) and the videos through its video processor. Qwen-VL hosts get every visual input's run
-between ``<|vision_start|>`` and ``<|vision_end|>`` and the ``mm_token_type_ids`` their M-RoPE reads.
+A host processor expands every image (and video) into as many placeholders as the host has vision
+tokens. With the plugin a sample with G questions needs m placeholders right before its first
+question and n before each later one (BLIP ``augment``: the Q-Former's tokens first), and the
+questions themselves as ``qfusion_input_ids`` / ``qfusion_attention_mask`` of shape
+(B, G_max, L_max). This wrapper builds both from the host's chat ``conversations`` (the user turns
+are the questions) or from plain question strings, the images through the host's image processor
+(or as HD views for an HD front-end) and the videos through its video processor.
+
+It knows no host family by name: the host's :class:`qfusion.adapters.HostFamily` record and token
+ids (from the attached model, the host's config or a saved plugin) say which placeholder tokens to
+write, which markers go around every run, which token-type input the host reads and which extra
+inputs it needs.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from qfusion.adapters.family import TOKEN_TYPES, HostFamily, HostTokens, family_for
 from qfusion.budget import Budget
 from qfusion.inputs import (check_placeholders, encode_image_counts, encode_questions, placeholder_blocks,
                             placeholder_counts, question_images)
+from qfusion.plugin import (ADAPTER_CONFIG_NAME, QUESTION_TOKENIZER_DIR, read_plugin, read_processor_settings,
+                            save_processor_settings)
 from qfusion.vision import hd_views
-
-PROCESSOR_CONFIG_NAME = "qfusion_processor.json"
-QWEN_VISION_MARKERS = ("<|vision_start|>", "<|vision_end|>")
-QUESTION_TOKENIZER_DIR = "question_tokenizer"
 
 
 def _positive(value, name: str) -> int:
@@ -70,33 +70,62 @@ def _as_unit_image(image) -> Any:
     return tensor
 
 
+def _adapter_of(model):
+    """The adapter of an attached host; None for a host config (or None)."""
+    if model is None or hasattr(model, "model_type"):
+        return None
+    from qfusion.adapters.adapter import get_adapter
+
+    return get_adapter(model)
+
+
+def _processor_tokens(host_processor, tokenizer) -> HostTokens:
+    """The placeholder ids a host processor names itself (``image_token``, ``video_token``)."""
+    ids = {}
+    for kind in ("image", "video"):
+        token = getattr(host_processor, f"{kind}_token", None)
+        if token is None:
+            continue
+        token = str(getattr(token, "content", token))
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"host_processor: its tokenizer has no {kind} token {token!r}")
+        ids[kind] = token_id
+    if "image" not in ids:
+        raise ValueError("host_processor: names no image token; pass the attached model or the host's config")
+    return HostTokens(ids["image"], ids.get("video"))
+
+
 class QFusionProcessor:
     """Builds the inputs of a qfusion-attached host: images, prompts with the right placeholders, questions.
 
     host_processor: the host's processor (``AutoProcessor.from_pretrained(checkpoint)``).
-    model: an attached host (``qfusion.attach``) to read the default budget, the BLIP ``augment``
-        prefix and the HD grid from; or pass ``m`` and ``n`` (and ``image_prefix``, ``hd_grid``) yourself.
-    m, n: the budget these inputs are built for (default: the attached plugin's configured m, n):
-        m placeholders before a sample's first question, n before each later one. The outputs carry
-        it as ``qfusion_budget``, so ``model(**inputs)`` fuses exactly that many tokens.
+    model: the attached host (``qfusion.attach``): the family, token ids, default budget, BLIP
+        ``augment`` prefix and HD grid are read from it. Or the host's config
+        (``AutoConfig.from_pretrained(checkpoint)``): family and token ids from it, ``m`` and ``n``
+        given here. Or None: the host processor's own ``image_token`` / ``video_token`` are the
+        placeholders, with no markers and no token types (hosts like LLaVA); ``m`` and ``n`` given here.
+    m, n: the default budget of these inputs (with a model: default its plugin's configured m, n):
+        m placeholders before a sample's first question, n before each later one. A call may build
+        inputs for another budget (``budget=``). The outputs carry it as ``qfusion_budget``, so
+        ``model(**inputs)`` fuses exactly that many tokens.
     question_tokenizer: tokenizer of the fusion's questions (default: the host's tokenizer; e.g. a CLIP
         tokenizer by option). Its ids must stay below the fusion's ``text_vocab_size``.
     question_special_tokens: add the question tokenizer's special tokens to each question (default:
         only for a separate tokenizer).
     max_question_length: truncate questions to this many tokens (default: no truncation).
-    vision_markers: (start, end) tokens around every visual input's placeholder run (default: the
-        attached adapter's, ``<|vision_start|>`` / ``<|vision_end|>`` for Qwen-VL hosts, none for others).
 
     ``__call__`` returns a ``BatchFeature`` with ``input_ids``, ``attention_mask``, the image
-    processor's outputs (``pixel_values``, ...), ``qfusion_input_ids``, ``qfusion_attention_mask``
-    (plus ``qformer_input_ids``/``qformer_attention_mask`` for InstructBLIP, ``labels`` on request):
-    ``model.generate(**inputs)`` or ``model(**inputs)``.
+    processor's outputs (``pixel_values``, ...), ``qfusion_input_ids``, ``qfusion_attention_mask``,
+    ``qfusion_budget``, ``qfusion_image_counts``, the host's token types and extra inputs where its
+    family has them, and ``labels`` on request: ``model.generate(**inputs)`` or ``model(**inputs)``.
     """
 
     def __init__(self, host_processor, model=None, *, m: int | None = None, n: int | None = None,
                  image_prefix: int | None = None, hd_grid: tuple[int, int] | None = None,
                  question_tokenizer=None, question_special_tokens: bool | None = None,
-                 max_question_length: int | None = None, vision_markers: tuple[str, str] | None = None):
+                 max_question_length: int | None = None, family: HostFamily | None = None,
+                 tokens: HostTokens | None = None):
         tokenizer = getattr(host_processor, "tokenizer", None)
         if tokenizer is None or getattr(host_processor, "image_processor", None) is None:
             raise TypeError(
@@ -105,53 +134,40 @@ class QFusionProcessor:
             )
         self.host = host_processor
         self.tokenizer = tokenizer
-        token = getattr(host_processor, "image_token", None) or "<image>"
-        self.image_token = str(getattr(token, "content", token))
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"host_processor: its tokenizer has no image token {self.image_token!r}")
-        video = getattr(host_processor, "video_token", None)
-        self.video_token = None if video is None else str(getattr(video, "content", video))
-        self.video_token_id = None if video is None else tokenizer.convert_tokens_to_ids(self.video_token)
-        if vision_markers is None and model is not None:
-            from qfusion.adapters import get_adapter
-
-            vision_markers = getattr(get_adapter(model), "vision_markers", None)
-        if vision_markers is None and type(host_processor).__name__.startswith("Qwen"):
-            vision_markers = QWEN_VISION_MARKERS
-        if vision_markers is not None:
-            vision_markers = tuple(vision_markers)
-            missing = [t for t in vision_markers if t not in tokenizer.get_vocab()]
-            if len(vision_markers) != 2 or missing:
-                raise ValueError(
-                    f"vision_markers: expected (start, end) tokens of the tokenizer, got {vision_markers!r}"
-                )
-        self.vision_wrap = vision_markers
-        if model is not None:
-            from qfusion.adapters import get_adapter
-
-            adapter = get_adapter(model)
+        codebook = None
+        adapter = _adapter_of(model)
+        if adapter is not None:
+            family, tokens = adapter.family, adapter.tokens
             found = {"image_prefix": adapter.image_prefix, "hd_grid": adapter.settings.hd_grid}
             hd_grid = None if hd_grid is None else tuple(hd_grid)
             for name, value in (("image_prefix", image_prefix), ("hd_grid", hd_grid)):
                 if value is not None and value != found[name]:
                     raise ValueError(f"{name}: the attached plugin uses {name}={found[name]!r}, got {value!r}")
             image_prefix, hd_grid = found["image_prefix"], found["hd_grid"]
-            m, n = Budget.resolve(m, n, default=adapter.budget, codebook_size=adapter.fusion.config.codebook_size)
+            codebook = adapter.fusion.config.codebook_size
+            m, n = Budget.resolve(m, n, default=adapter.budget, codebook_size=codebook)
             vocab = adapter.fusion.config.text_vocab_size
             size = len(question_tokenizer if question_tokenizer is not None else tokenizer)
             if size > vocab:
                 raise ValueError(
                     f"question_tokenizer: has {size} tokens, more than the fusion's text_vocab_size={vocab}"
                 )
-            if adapter.image_token_id != self.image_token_id:
-                raise ValueError(
-                    f"host_processor: its image token id {self.image_token_id} differs from the model's "
-                    f"config.image_token_id {adapter.image_token_id}"
+        elif model is not None:
+            if not hasattr(model, "model_type"):
+                raise TypeError(
+                    "model: expected a host with a qfusion plugin attached or the host's transformers config, "
+                    f"got {type(model).__name__}"
                 )
+            family = family_for(model)
+            tokens = family.tokens(model)
         if m is None or n is None:
             raise ValueError("m, n: required (or pass the attached model to read them from)")
-        self.m, self.n = Budget.of((m, n), name="m, n")
+        self.default_budget = Budget.of((m, n), name="m, n", codebook_size=codebook)
+        self.codebook_size = codebook
+        self.family = family
+        self.tokens = tokens if tokens is not None else _processor_tokens(host_processor, tokenizer)
+        self.image_token, self.video_token, self.vision_wrap = self._token_strings()
+        self.image_token_id, self.video_token_id = self.tokens.image, self.tokens.video
         self.image_prefix = 0 if image_prefix is None else image_prefix
         if not isinstance(self.image_prefix, int) or self.image_prefix < 0:
             raise ValueError(f"image_prefix: expected an integer >= 0, got {image_prefix!r}")
@@ -162,16 +178,40 @@ class QFusionProcessor:
         self.max_question_length = (None if max_question_length is None
                                     else _positive(max_question_length, "max_question_length"))
 
+    def _token_strings(self) -> tuple[str, str | None, tuple[str, str] | None]:
+        """(image placeholder, video placeholder or None, (start, end) markers or None) as the tokenizer
+        writes them; every id must be a single token of it."""
+        def token(token_id: int, role: str) -> str:
+            text = self.tokenizer.convert_ids_to_tokens(token_id)
+            if text is None or self.tokenizer.convert_tokens_to_ids(text) != token_id:
+                raise ValueError(f"host_processor: its tokenizer has no {role} token with the host's id {token_id}")
+            return text
+
+        tokens = self.tokens
+        video = None if tokens.video is None else token(tokens.video, "video placeholder")
+        markers = None
+        if tokens.start is not None:
+            markers = token(tokens.start, "vision start marker"), token(tokens.end, "vision end marker")
+        return token(tokens.image, "image placeholder"), video, markers
+
     # ------------------------------------------------------------------ layout
 
     @property
     def budget(self) -> Budget:
-        """The (m, n) these inputs are built for."""
-        return Budget(self.m, self.n)
+        """The default (m, n) of these inputs (a call may ask for another)."""
+        return self.default_budget
 
-    def num_placeholders(self, num_questions: int) -> int:
+    @property
+    def m(self) -> int:
+        return self.default_budget.m
+
+    @property
+    def n(self) -> int:
+        return self.default_budget.n
+
+    def num_placeholders(self, num_questions: int, budget: Budget | None = None) -> int:
         """Image placeholders of one sample with ``num_questions`` questions: prefix + m + (G−1)·n."""
-        return sum(placeholder_counts(num_questions, self.budget, self.image_prefix))
+        return sum((budget or self.budget).placeholders(num_questions, self.image_prefix))
 
     @property
     def placeholder_ids(self) -> tuple[int, ...]:
@@ -182,17 +222,18 @@ class QFusionProcessor:
         """The prompt text before one question: per visual input it is about (kinds), its placeholders
         (blocks); one run per visual input between the host's vision markers where it has them."""
         if self.video_token is None and "video" in kinds:
-            raise ValueError(f"conversations: {type(self.host).__name__} has no video token; its host takes no video")
+            raise ValueError("conversations: this host takes no video (it has no video placeholder token)")
         tokens = [self.video_token if kind == "video" else self.image_token for kind in kinds]
         if self.vision_wrap is None:
             return "".join(token * count for token, count in zip(tokens, blocks))
         start, end = self.vision_wrap
         return "".join(start + token * count + end for token, count in zip(tokens, blocks))
 
-    def _prompt_placeholders(self, num_questions: int, kinds: list[str], image_counts: list[int]) -> list[str]:
+    def _prompt_placeholders(self, num_questions: int, kinds: list[str], image_counts: list[int],
+                             budget: Budget) -> list[str]:
         """Per question of a sample, the placeholder text before it (kinds: its visual inputs in order)."""
         about = question_images(image_counts)
-        blocks = placeholder_blocks(num_questions, self.budget, self.image_prefix, image_counts)
+        blocks = placeholder_blocks(num_questions, budget, self.image_prefix, image_counts)
         return [self._placeholders(block, [kinds[i] for i in images]) for block, images in zip(blocks, about)]
 
     # ------------------------------------------------------------------ inputs
@@ -239,7 +280,7 @@ class QFusionProcessor:
             )
         return template
 
-    def _render(self, conversation: list[dict], add_generation_prompt: bool | None):
+    def _render(self, conversation: list[dict], add_generation_prompt: bool | None, budget: Budget):
         """(prompt text with placeholders before every user turn, the user texts, every turn's (role, text),
         per user turn the images it brings).
 
@@ -252,7 +293,7 @@ class QFusionProcessor:
             items[0] = ["image"]
         image_counts = [len(kinds) for kinds in items]
         kinds = [kind for turn in items for kind in turn]
-        runs = self._prompt_placeholders(len(users), kinds, image_counts)
+        runs = self._prompt_placeholders(len(users), kinds, image_counts, budget)
         questions, turns, messages = [], [], []
         for message in conversation:
             message = copy.copy(message)
@@ -333,17 +374,18 @@ class QFusionProcessor:
             ids.append(row)
         return encode_questions(ids)
 
-    def _check_counts(self, input_ids: Tensor, questions: list[list[str]], image_counts: list[list[int]]) -> None:
+    def _check_counts(self, input_ids: Tensor, questions: list[list[str]], image_counts: list[list[int]],
+                      budget: Budget) -> None:
         found = torch.isin(input_ids, torch.tensor(self.placeholder_ids)).sum(-1).tolist()
-        expected = [sum(placeholder_counts(len(sample), self.budget, self.image_prefix, counts))
+        expected = [sum(placeholder_counts(len(sample), budget, self.image_prefix, counts))
                     for sample, counts in zip(questions, image_counts)]
         if found != expected:
             raise ValueError(
                 f"text: image placeholders per image expected {expected}, found {found} "
-                f"({len(questions)} images; m={self.m}, n={self.n}, prefix={self.image_prefix}); does the chat "
+                f"({len(questions)} images; m={budget.m}, n={budget.n}, prefix={self.image_prefix}); does the chat "
                 "template or the text add its own image tokens?"
             )
-        check_placeholders(input_ids, self.placeholder_ids, [len(sample) for sample in questions], self.budget,
+        check_placeholders(input_ids, self.placeholder_ids, [len(sample) for sample in questions], budget,
                            self.image_prefix, name="text", image_counts=image_counts)
 
     @staticmethod
@@ -375,22 +417,25 @@ class QFusionProcessor:
         return labels
 
     def __call__(self, images=None, conversations=None, questions=None, *, videos=None,
-                 add_generation_prompt: bool | None = None, prompt_format: str = "{question}",
-                 return_labels: bool = False, padding_side: str | None = None, return_tensors: str = "pt"):
+                 budget: Budget | tuple[int, int] | None = None, add_generation_prompt: bool | None = None,
+                 prompt_format: str = "{question}", return_labels: bool = False, padding_side: str | None = None,
+                 return_tensors: str = "pt"):
         """Inputs for ``model(**inputs)`` / ``model.generate(**inputs)``, one image per sample.
 
         images: one image per sample (PIL, arrays or tensors, as the host's image processor takes), or
             per sample a list of images when its conversation has several (one per image item).
-        videos: hosts with video (Qwen-VL, LLaVA-OneVision): per sample a video or a list of videos,
-            one per ``{"type": "video"}`` item of its conversation, as the host's video processor takes them.
+        videos: hosts with video: per sample a video or a list of videos, one per
+            ``{"type": "video"}`` item of its conversation, as the host's video processor takes them.
         conversations: the host's chat format, one conversation per sample (or one conversation):
             ``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, ...]``.
             Every user turn is a question; image and video items are dropped and the placeholders are
-            put right before each user text (per visual input, Qwen-VL hosts wrap its run in
-            ``<|vision_start|>`` … ``<|vision_end|>``); the prompt is rendered with the host's chat template.
+            put right before each user text (per visual input one run, between the host's vision
+            markers where it has them); the prompt is rendered with the host's chat template.
         questions: instead of conversations: a string, one string per image, or a list of strings per
             image; each becomes ``prompt_format.format(question=...)`` after its placeholders, joined by
             spaces, tokenized with the host tokenizer's special tokens.
+        budget: the (m, n) of these inputs (a :class:`qfusion.Budget` or a pair; default: the
+            processor's). The outputs carry it as ``qfusion_budget``.
         add_generation_prompt: end with the assistant's turn opening (default: when the last turn is
             the user's).
         return_labels: also return ``labels`` (conversations only): the assistant turns' tokens and the
@@ -407,8 +452,9 @@ class QFusionProcessor:
             padding_side = "left"
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+        budget = self.budget if budget is None else Budget.of(budget, name="budget", codebook_size=self.codebook_size)
         if conversations is not None:
-            rendered = [self._render(c, add_generation_prompt) for c in self._batch_conversations(conversations)]
+            rendered = [self._render(c, add_generation_prompt, budget) for c in self._batch_conversations(conversations)]
             prompts = [r[0] for r in rendered]
             batch_questions = [r[1] for r in rendered]
             turns = [r[2] for r in rendered]
@@ -422,28 +468,29 @@ class QFusionProcessor:
             image_counts = [[1] + [0] * (len(sample) - 1) for sample in batch_questions]
             kinds = [["image"] for _ in batch_questions]
             prompts = [" ".join(run + prompt_format.format(question=q)
-                                for run, q in zip(self._prompt_placeholders(len(sample), ["image"], counts), sample))
+                                for run, q in zip(self._prompt_placeholders(len(sample), ["image"], counts, budget),
+                                                  sample))
                        for sample, counts in zip(batch_questions, image_counts)]
             special = True
         encoding = self.tokenizer(prompts, add_special_tokens=special, padding=True, return_tensors="pt",
                                   return_offsets_mapping=return_labels,
                                   padding_side=padding_side)
-        self._check_counts(encoding["input_ids"], batch_questions, image_counts)
+        self._check_counts(encoding["input_ids"], batch_questions, image_counts, budget)
         data = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
-        if self.vision_wrap is not None:  # Qwen-VL hosts position by token type: 0 text, 1 image, 2 video
+        family = self.family
+        if family is not None and family.token_types is not None:
             ids = encoding["input_ids"]
-            data["mm_token_type_ids"] = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+            types = torch.zeros_like(ids, dtype=torch.int32)
+            for kind, token in self.tokens.placeholders().items():
+                types[ids == token] = TOKEN_TYPES[kind]
+            data[family.token_types] = types
         data.update(self._images(self._per_sample(images, [k.count("image") for k in kinds], "images", "image")))
         data.update(self._videos(self._per_sample(videos, [k.count("video") for k in kinds], "videos", "video")))
-        if "batch_num_images" in data:  # LLaVA-OneVision tiles an image only when it is its sample's only one
-            data["batch_num_images"] = torch.tensor([k.count("image") for k in kinds])
+        if family is not None and family.processor_inputs is not None:
+            data.update(family.processor_inputs(self.host, kinds, batch_questions, data))
         data["qfusion_input_ids"], data["qfusion_attention_mask"] = self._question_ids(batch_questions)
-        data["qfusion_budget"] = tuple(self.budget)  # a plain pair: BatchFeature.to() rebuilds tuples by type
+        data["qfusion_budget"] = tuple(budget)  # a plain pair: BatchFeature.to() rebuilds tuples by type
         data["qfusion_image_counts"] = encode_image_counts(image_counts, data["qfusion_input_ids"].shape[1])
-        qformer_tokenizer = getattr(self.host, "qformer_tokenizer", None)
-        if qformer_tokenizer is not None:
-            qformer = qformer_tokenizer([sample[0] for sample in batch_questions], padding=True, return_tensors="pt")
-            data["qformer_input_ids"], data["qformer_attention_mask"] = qformer["input_ids"], qformer["attention_mask"]
         if return_labels:
             data["labels"] = self._labels(encoding["input_ids"], encoding["offset_mapping"], prompts, turns,
                                           self.tokenizer.eos_token_id)
@@ -459,49 +506,67 @@ class QFusionProcessor:
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
 
+    def settings(self) -> dict:
+        """The processor's own settings (how questions are tokenized), as ``qfusion_processor.json`` holds them."""
+        return {"question_special_tokens": self.question_special_tokens,
+                "max_question_length": self.max_question_length,
+                "question_tokenizer": QUESTION_TOKENIZER_DIR if self.question_tokenizer is not None else None}
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write the processor's own settings (qfusion_processor.json: how questions are tokenized) and a
-        separate question tokenizer into a plugin directory. The budget, prefix and HD grid are the
-        plugin's (config.json, qfusion_adapter.json) and the host processor comes with the host
-        checkpoint: neither is written here."""
-        os.makedirs(save_directory, exist_ok=True)
-        settings = {"question_special_tokens": self.question_special_tokens,
-                    "max_question_length": self.max_question_length,
-                    "question_tokenizer": QUESTION_TOKENIZER_DIR if self.question_tokenizer is not None else None}
-        with open(os.path.join(save_directory, PROCESSOR_CONFIG_NAME), "w") as f:
-            json.dump(settings, f, indent=2, sort_keys=True)
-        if self.question_tokenizer is not None:
-            self.question_tokenizer.save_pretrained(os.path.join(save_directory, QUESTION_TOKENIZER_DIR))
-        return os.fspath(save_directory)
+        separate question tokenizer into a plugin directory (atomically, beside the plugin's files), or
+        a folder of their own. The budget, prefix, HD grid and token ids are the plugin's (config.json,
+        qfusion_adapter.json) and the host processor comes with the host checkpoint: neither is
+        written here."""
+        return save_processor_settings(save_directory, self.settings(), self.question_tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, host_processor, model=None, **overrides) -> "QFusionProcessor":
-        """Rebuild a processor saved with ``save_pretrained`` (into a plugin directory) around the host's
-        processor. Without ``model`` the budget comes from the plugin's config.json and the HD grid from
-        its qfusion_adapter.json when the directory holds a plugin; ``overrides`` (e.g. ``m=``, ``n=``)
-        go to the constructor."""
-        path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"directory: no {PROCESSOR_CONFIG_NAME} in {os.fspath(directory)!r}")
-        with open(path) as f:
-            settings = json.load(f)
-        if model is None and os.path.isfile(os.path.join(directory, "config.json")):
-            from qfusion.adapters.plugin import AdapterSettings
-            from qfusion.config import FusionConfig
+        """Rebuild a processor saved with ``save_pretrained`` around the host's processor.
 
-            config = FusionConfig.from_pretrained(directory)
-            adapter = AdapterSettings.load(directory)
-            if adapter is not None and adapter.mode == "augment":
-                raise ValueError("model: required for a plugin in mode='augment' (the host's Q-Former prefix)")
-            settings.update(m=config.m, n=config.n, hd_grid=adapter.hd_grid if adapter is not None else None)
-        settings.update(overrides)
-        from transformers import AutoTokenizer
-
-        tokenizer_dir = settings.pop("question_tokenizer")
-        question_tokenizer = (AutoTokenizer.from_pretrained(os.path.join(directory, tokenizer_dir))
-                              if tokenizer_dir else None)
-        return cls(host_processor, model, question_tokenizer=question_tokenizer, **settings)
+        From a plugin directory without ``model``: the family and token ids come from its
+        qfusion_adapter.json, the budget from its config.json and the HD grid from its settings.
+        ``model`` (the attached host or its config) decides them otherwise. ``overrides`` (e.g.
+        ``m=``, ``n=``) go to the constructor.
+        """
+        directory = os.fspath(directory)
+        kwargs: dict = {}
+        if os.path.isfile(os.path.join(directory, ADAPTER_CONFIG_NAME)):
+            plugin = read_plugin(directory)
+            settings = plugin.processor
+            if settings is None:
+                raise FileNotFoundError(f"directory: the plugin in {directory!r} holds no saved processor settings")
+            question_tokenizer = plugin.question_tokenizer()
+            if model is None:
+                kwargs = _plugin_host(plugin)
+        else:
+            settings, question_tokenizer = read_processor_settings(directory)
+        kwargs.update({k: v for k, v in settings.items() if k != "question_tokenizer"})
+        kwargs.update(overrides)
+        return cls(host_processor, model, question_tokenizer=question_tokenizer, **kwargs)
 
     def __repr__(self) -> str:
-        return (f"QFusionProcessor(host={type(self.host).__name__}, m={self.m}, n={self.n}, "
+        family = None if self.family is None else self.family.name
+        return (f"QFusionProcessor(host={type(self.host).__name__}, family={family!r}, m={self.m}, n={self.n}, "
                 f"image_prefix={self.image_prefix}, hd_grid={self.hd_grid})")
+
+
+def _plugin_host(plugin) -> dict:
+    """The constructor arguments a saved plugin determines without its host: family, token ids,
+    budget, HD grid (the BLIP ``augment`` prefix needs the host's config)."""
+    from qfusion.adapters.family import FAMILIES
+
+    settings = plugin.settings
+    if settings.mode == "augment":
+        raise ValueError("model: required for a plugin in mode='augment' (the host's Q-Former prefix)")
+    if settings.tokens is None:
+        raise ValueError(
+            f"model: required for {plugin.directory!r}, a plugin saved without the host's token ids (adapter "
+            "format 1); pass the attached model or the host's config"
+        )
+    family = FAMILIES.get(settings.family)
+    if family is None:
+        raise ValueError(f"fusion: the plugin's host family {settings.family!r} is not registered "
+                         "(qfusion.register_family)")
+    return dict(family=family, tokens=HostTokens.from_json(settings.tokens), m=plugin.config.m, n=plugin.config.n,
+                hd_grid=settings.hd_grid)

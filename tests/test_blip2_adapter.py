@@ -107,9 +107,9 @@ def test_mm_encoder_outputs_path_and_attach_give_identical_logits(hosts, kind, m
     batch = processor(images=images(2), questions=[["what is this ?", "how many"], "red"], padding_side="left")
     extra = {k: batch[k] for k in ("qformer_input_ids", "qformer_attention_mask") if k in batch}
     with torch.no_grad():
-        precomputed = adapter.encoder_outputs(
+        precomputed = adapter.with_fused_tokens(
             {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"], **extra},
-            QFusionArguments(batch["qfusion_input_ids"], batch["qfusion_attention_mask"]))
+            QFusionArguments(batch["qfusion_input_ids"], batch["qfusion_attention_mask"]))["mm_encoder_outputs"]
         with_plugin = model(**batch).logits
         fusion = qfusion.detach(model)
         assert isinstance(fusion, QuestionFusion)

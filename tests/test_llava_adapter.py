@@ -218,7 +218,7 @@ def test_tower_source_reads_the_hosts_selected_features(hosts, kind):
     batch = processor(images=images(2), questions=["what is this ?", "red"])
     kwargs = {"image_sizes": batch["image_sizes"]} if kind == "llava_next" else {}
     with torch.no_grad():
-        tower = adapter.encode(batch["pixel_values"], **kwargs)
+        tower = adapter.encode(batch)
         projected = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True,
                                                    **kwargs).pooler_output
         if kind == "llava":
@@ -324,7 +324,7 @@ def test_bad_inputs_raise_clearly(hosts):
     gap[0, 0] = 0
     with pytest.raises(ValueError, match="empty question slot before a filled one"):
         call(qfusion_attention_mask=gap)
-    with pytest.raises(ValueError, match="pixel_values: expected 2 images"):
+    with pytest.raises(ValueError, match=r"pixel_values: expected 2 \(one per placeholder block.*got 1"):
         call(pixel_values=batch["pixel_values"][:1])
     with pytest.raises(ValueError, match="inputs_embeds"):
         call(input_ids=None, inputs_embeds=torch.zeros(2, 3, 64))
@@ -342,8 +342,10 @@ def test_bad_inputs_raise_clearly(hosts):
 
 def test_plugins_that_do_not_fit_the_host_fail_naming_the_mismatch(hosts, tmp_path):
     QuestionFusion(fusion_config(vision_dim=48, output_dim=64)).save_pretrained(tmp_path / "wrong")
-    with pytest.raises(ValueError, match="vision_dim=48, this host needs vision_dim=64"):
+    with pytest.raises(FileNotFoundError, match="lacks qfusion_adapter.json"):  # a bare fusion is not a plugin
         qfusion.attach(hosts.model("llava"), tmp_path / "wrong")
+    with pytest.raises(ValueError, match="vision_dim=48, this host needs vision_dim=64"):
+        qfusion.attach(hosts.model("llava"), QuestionFusion.from_pretrained(tmp_path / "wrong"))
     with pytest.raises(ValueError, match="output_dim=32, this host needs output_dim=64"):
         qfusion.attach(hosts.model("llava"), QuestionFusion(fusion_config(vision_dim=64, output_dim=32)))
     with pytest.raises(ValueError, match="output_dim=100, this host needs output_dim=64"):
@@ -402,6 +404,6 @@ def test_several_images_each_fused_with_the_questions_about_it(hosts, kind):
         assert torch.equal(out[b, : generated.numel()], generated)
     with pytest.raises(ValueError, match=r"images\[0\]: expected 3 images"):
         processor(images=[pictures[:2]], conversations=[MULTI_IMAGE])
-    with pytest.raises(ValueError, match="expected 3 images"):
+    with pytest.raises(ValueError, match=r"pixel_values: expected 3 \(one per placeholder block"):
         model(**dict(batch, pixel_values=batch["pixel_values"][:2], **({"image_sizes": batch["image_sizes"][:2]}
                                                                        if kind == "llava_next" else {})))

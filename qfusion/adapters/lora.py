@@ -1,4 +1,4 @@
-"""peft interop: LoRA on the host's LLM with the plugin kept trainable, and finding the module that runs."""
+"""peft interop: LoRA on the host's LLM with the plugin kept trainable."""
 
 from __future__ import annotations
 
@@ -7,24 +7,7 @@ from typing import Sequence
 
 from torch import nn
 
-
-def active_module(module: nn.Module) -> nn.Module:
-    """The module that actually runs: peft's ``modules_to_save`` wrapper stands for its active copy."""
-    while hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
-        active = getattr(module, "active_adapters", None)
-        if active is None:  # peft releases that keep one active adapter name
-            active = [module.active_adapter] if getattr(module, "active_adapter", None) else []
-        if module.disable_adapters or not active:
-            module = module.original_module
-        else:
-            module = module.modules_to_save[active[0]]
-    return module
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers host inside a peft model (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+from qfusion.adapters.adapter import FUSION_MODULE, HD_MODULE, get_adapter
 
 
 def lora_config(model: nn.Module, *, r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05,
@@ -38,8 +21,6 @@ def lora_config(model: nn.Module, *, r: int = 8, lora_alpha: int = 16, lora_drop
     Other keyword arguments go to ``LoraConfig``.
     """
     from peft import LoraConfig
-
-    from qfusion.adapters.base import FUSION_MODULE, HD_MODULE, get_adapter
 
     adapter = get_adapter(model)
     if isinstance(target_modules, str) or not target_modules or not all(isinstance(t, str) for t in target_modules):

@@ -85,7 +85,14 @@ def derive_method(host_function: Callable, handler: Callable[[nn.Module, dict, Q
         if var_positional is not None and arguments.pop(var_positional, ()):
             raise TypeError(f"{host_function.__name__}: extra positional arguments are not supported with qfusion")
         if var_keyword is not None:
-            arguments.update(arguments.pop(var_keyword, {}))
+            extra = arguments.pop(var_keyword, {})
+            unknown = sorted(name for name in extra if name.startswith("qfusion_"))
+            if unknown:
+                raise TypeError(
+                    f"{host_function.__name__}: unknown qfusion keyword {unknown[0]!r}; the qfusion parameters are "
+                    f"{list(QFUSION_PARAMETERS)}"
+                )
+            arguments.update(extra)
         qfusion = QFusionArguments(*(arguments.pop(name, None) for name in QFUSION_PARAMETERS))
         return handler(model, arguments, qfusion)
 
@@ -95,6 +102,25 @@ def derive_method(host_function: Callable, handler: Callable[[nn.Module, dict, Q
     method.__doc__ = (inspect.getdoc(host_function) or "").rstrip() + "\n" + QFUSION_DOC
     method._qfusion_patch = True  # lets revert tell its own patch from a later one
     return method
+
+
+def active_module(module: nn.Module) -> nn.Module:
+    """The module that actually runs: peft's ``modules_to_save`` wrapper stands for its active copy."""
+    while hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
+        active = getattr(module, "active_adapters", None)
+        if active is None:  # peft releases that keep one active adapter name
+            active = [module.active_adapter] if getattr(module, "active_adapter", None) else []
+        if module.disable_adapters or not active:
+            module = module.original_module
+        else:
+            module = module.modules_to_save[active[0]]
+    return module
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers host inside a peft model (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 class _Missing:
