@@ -6,7 +6,7 @@ stages first:
 
 * S0 versions, device, clocks, SM count, measured bf16 / fp16 matmul peak;
 * S1 compile every production config for this device's generation (compile time, registers,
-  spills, shared memory, pipelining) — :mod:`qfusion.ops.compile_check` in a subprocess;
+  spills, shared memory, pipelining) — ``compile_check.py`` beside this script, in a subprocess;
 * S2 correctness against float64 on a ragged layout (B=6, V from 576 to 1450, 1–3 questions,
   m=64, n=16): out, dq, dk, dv in bf16 at d=64 and 128 under every policy, fp16, an incremental
   ask, rows that see no key, d=80; the bound is 2x PyTorch's own error in the dtype (SDPA on the
@@ -59,8 +59,9 @@ from bench_attention import (  # noqa: E402
     GOAL_FUSION, Case, flex_runner, goal_table, print_goals, sdpa_runner, timer, varlen_runner,
 )
 
-from qfusion.layout import QUERY, TEXT, AttentionMeta, dense_mask, pack  # noqa: E402
+from qfusion.layout import pack  # noqa: E402
 from qfusion.ops.attention import eager_attention, sdpa_attention  # noqa: E402
+from qfusion.ops.meta import QUERY, TEXT, AttentionMeta, dense_mask  # noqa: E402
 
 STAGES = ("S0", "S1", "S2", "S3", "S4", "S5")
 # Seconds each stage is expected to need at most on a GPU; a stage starts only if this much is left
@@ -145,17 +146,17 @@ def stage_s0(ctx: Context) -> dict:
 
 def stage_s1(ctx: Context) -> dict:
     """Compile in a subprocess without the interpreter (kernels are interpreted objects under it)."""
-    from qfusion.ops.kernel_configs import table_arch
+    from qfusion.ops.triton.configs import table_arch
 
     # The device's own generation (the smoke run has none: it compiles for sm_90).
     arch = table_arch(torch.cuda.get_device_capability(0)) if ctx.device == "cuda" else 90
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.json"
-        main = "from qfusion.ops.compile_check import main; sys.exit(main(sys.argv[1:]))"
+        main = "from compile_check import main; sys.exit(main(sys.argv[1:]))"
         command = [sys.executable, "-c", f"{BARE_PACKAGE}; {main}", "--arch", str(arch), "--json", str(rows_path)]
         command += ["--limit", "1"] if ctx.smoke else ["--full", "--jobs", str(max(os.cpu_count() or 1, 1))]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
         timeout = max(ctx.deadline.left() - sum(STAGE_RESERVE[s] for s in ("S2", "S3")), 30)
         started = time.perf_counter()
         try:
@@ -164,7 +165,7 @@ def stage_s1(ctx: Context) -> dict:
         except subprocess.TimeoutExpired:
             code, log = "timeout", ""
         rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
-    from qfusion.ops.compile_check import problems
+    from compile_check import problems
 
     return dict(arch=arch, exit=code, seconds=round(time.perf_counter() - started, 1), compiled=len(rows),
                 problems=[dict(row, problems=problems(row)) for row in rows if problems(row)], rows=rows,
@@ -219,7 +220,7 @@ def _blind_rows(device):
 
 def _check_case(ctx: Context, name: str, meta_q, meta_k, policy: str, dtype, dim: int) -> dict:
     """Kernel out, dq, dk, dv vs float64; bound max(2x SDPA's error in dtype, floor)."""
-    from qfusion.ops.triton_attention import triton_fusion_attention
+    from qfusion.ops.triton import triton_fusion_attention
 
     gen = torch.Generator(device=ctx.device).manual_seed(0)
     heads = 2
@@ -309,7 +310,7 @@ def _time_impl(ctx: Context, fn, inputs, backward: bool) -> dict:
 
 def _measure(ctx: Context, case: Case, impls: dict, peak: float | None) -> list[dict]:
     """Time each (name -> builder) implementation on the case; failures are recorded per impl."""
-    from qfusion.ops.triton_attention import default_config, tile_stats
+    from qfusion.ops.triton import default_config, tile_stats
 
     meta, q, k, v = _inputs(ctx, case)
     pairs = sum(int(dense_mask(case.policy, meta, meta, b).sum()) for b in range(meta.num_samples))
@@ -344,7 +345,7 @@ def _measure(ctx: Context, case: Case, impls: dict, peak: float | None) -> list[
 
 
 def _triton_impl(q, k, v, meta, case):
-    from qfusion.ops.triton_attention import default_config, triton_fusion_attention
+    from qfusion.ops.triton import default_config, triton_fusion_attention
 
     return ((lambda: triton_fusion_attention(q, k, v, meta, meta, policy=case.policy)), (q, k, v), True,
             dict(config=default_config(q).as_ints()))
@@ -426,8 +427,7 @@ def stage_s3(ctx: Context) -> dict:
 
 def stage_s4(ctx: Context) -> dict:
     """Forward and fwd+bwd time of a few configs at the fusion shape (grouped), and the autotuner's choice."""
-    from qfusion.ops.kernel_configs import KernelConfig, PassConfig
-    from qfusion.ops.triton_attention import autotune, default_config, triton_fusion_attention, tuned_configs
+    from qfusion.ops.triton import KernelConfig, PassConfig, default_config, triton_fusion_attention, tuned_configs
 
     rows = []
     for dim in ((16,) if ctx.smoke else (64, 128)):
@@ -455,7 +455,7 @@ def stage_s4(ctx: Context) -> dict:
             rows.append(row)
         if ctx.deadline.left() > 20:
             try:
-                autotune(q, k, v, meta, meta, policy="grouped")
+                triton_fusion_attention(q, k, v, meta, meta, policy="grouped", config="autotune")
             except Exception as error:  # noqa: BLE001
                 rows.append(dict(head_dim=dim, autotune_error=_describe(error)))
     return dict(case="grouped fusion shape", rows=rows, autotuned=tuned_configs())
