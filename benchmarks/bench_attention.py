@@ -4,7 +4,7 @@ Times forward, backward and forward+backward of masked attention over fusion lay
 ([V vision | ~30-token question, m slots | ~30-token question, n = m/4 slots | ...] per sample) under
 each mask policy, and plain causal attention (B=4, H=16, L in 1k/4k/8k), for:
 
-* ``triton``: :func:`qfusion.ops.triton_attention.triton_fusion_attention` on the packed tokens;
+* ``triton``: :func:`qfusion.ops.triton.triton_fusion_attention` on the packed tokens;
 * ``eager``: the reference (small shapes only);
 * ``sdpa-mem`` / ``sdpa-cudnn``: SDPA on the per-sample padded batch with a (B, 1, L, L) boolean
   mask, backend pinned, output checked against the math backend;
@@ -43,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from qfusion.layout import POLICIES, TEXT, AttentionMeta, dense_mask, pack
-from qfusion.ops.attention import _pad, eager_attention, interpreter_active, padded_mask
+from qfusion.layout import pack
+from qfusion.ops.attention import eager_attention, pad_packed, padded_mask
+from qfusion.ops.checks import interpreter_active
+from qfusion.ops.meta import POLICIES, TEXT, AttentionMeta, dense_mask, mask_rule
 
 RESULTS = Path(__file__).parent / "results"
 PASSES = ("fwd", "bwd", "fwd+bwd")
@@ -156,7 +158,7 @@ def visible_pairs(meta: AttentionMeta, policy: str) -> int:
 
 def padded(x, meta):
     """(T, H, D) packed -> (B, H, L, D) padded."""
-    return rearrange(_pad(x, meta)[0], "b l h d -> b h l d")
+    return rearrange(pad_packed(x, meta)[0], "b l h d -> b h l d")
 
 
 def sdpa_runner(backend, q, k, v, meta, policy):
@@ -179,11 +181,9 @@ def sdpa_runner(backend, q, k, v, meta, policy):
 def flex_runner(q, k, v, meta, policy, device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from qfusion.layout import mask_rule
-
-    kind, _ = _pad(meta.kind, meta)
-    group, _ = _pad(meta.group, meta)
-    order, valid = _pad(meta.order, meta)
+    kind, _ = pad_packed(meta.kind, meta)
+    group, _ = pad_packed(meta.group, meta)
+    order, valid = pad_packed(meta.order, meta)
 
     def mask_mod(b, h, qi, ki):
         rule = mask_rule(policy, kind[b, qi], group[b, qi], order[b, qi], kind[b, ki], group[b, ki], order[b, ki])
@@ -233,7 +233,7 @@ def runners(case: Case, impls, q, k, v, meta, device, config=None):
     """
     from torch.nn.attention import SDPBackend
 
-    from qfusion.ops.triton_attention import triton_fusion_attention
+    from qfusion.ops.triton import triton_fusion_attention
 
     scale = 1 / math.sqrt(case.head_dim)
     packed = (q, k, v)
@@ -300,8 +300,8 @@ def make_inputs(case: Case, device, dtype):
 
 
 def measure_case(case: Case, impls, device, dtype, measure, kernel_config=None) -> list[dict]:
-    from qfusion.ops.kernel_configs import select_config
-    from qfusion.ops.triton_attention import tile_stats
+    from qfusion.ops.triton.configs import select_config
+    from qfusion.ops.triton.plan import tile_stats
 
     meta, q, k, v = make_inputs(case, device, dtype)
     pairs = visible_pairs(meta, case.policy)
@@ -515,7 +515,7 @@ def main(argv=None) -> dict:
     for case in cases:
         rows += measure_case(case, impls, device, dtype, measure, "autotune" if args.autotune else None)
         if args.autotune:
-            from qfusion.ops.triton_attention import tuned_configs
+            from qfusion.ops.triton import tuned_configs
 
             result["autotuned"] = tuned_configs()
         path.write_text(json.dumps(result, indent=2) + "\n")  # as it goes: a crash keeps what was measured

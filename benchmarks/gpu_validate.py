@@ -6,7 +6,7 @@ stages first:
 
 * S0 versions, device, clocks, SM count, measured bf16 / fp16 matmul peak;
 * S1 compile every production config for this device's generation (compile time, registers,
-  spills, shared memory, pipelining) — :mod:`qfusion.ops.compile_check` in a subprocess;
+  spills, shared memory, pipelining) — ``compile_check.py`` beside this script, in a subprocess;
 * S2 correctness against float64 on a ragged layout (B=6, V from 576 to 1450, 1–3 questions,
   m=64, n=16): out, dq, dk, dv in bf16 at d=64 and 128 under every policy, fp16, an incremental
   ask, rows that see no key, d=80; the bound is 2x PyTorch's own error in the dtype (SDPA on the
@@ -18,9 +18,17 @@ stages first:
   ``is_causal``; forward and forward+backward (``triton.testing.do_bench``), forward % of the
   measured peak, masked/causal time vs the executed-tile ratio;
 * S4 a short sweep of forward / backward configs at the fusion shape;
-* S5 a summary table of the goals, met or missed.
+* S5 a summary table of the goals, met or missed;
+* S6 time to first token of 7B-shaped LLaVA-1.5 and Qwen2.5-VL hosts (random weights, bfloat16,
+  the hosts' SDPA attention), alone and with a paper-sized plugin at N = 64 and 16, timed through
+  the hosts' own submodules (``host_ttft.py``, which says why); it prints its own table.
 
-Needs only the repository on ``PYTHONPATH`` and torch, triton and einops on the machine::
+A stage that loops (S1's compile, S3, S4) stops short of the reserves of the requested stages
+after it, so a full run fits the budget with every stage started.
+
+S0–S5 need only the repository on ``PYTHONPATH`` and torch, triton and einops on the machine;
+S6 also needs transformers (5.x; any version, ``qfusion.attach`` is not used), huggingface_hub and
+safetensors::
 
     PYTHONPATH=. python benchmarks/gpu_validate.py [--stages S0,S2] [--budget 450] [--out PATH]
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/gpu_validate.py --smoke   # CPU, tiny sizes
@@ -47,9 +55,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-# Only the layout and the kernel are needed here: load qfusion's modules without running the
-# package's __init__ (the adapters and their host libraries, which a GPU image may lack or hold in
-# other versions). Where qfusion is already imported (a test), it is used as it is.
+# Only qfusion's layout and kernel (and, for S6, its model) are needed here: load those modules
+# without running the package's __init__ (the adapters and their host libraries, which a GPU image
+# may lack or hold in other versions). Where qfusion is already imported (a test), it is used as it is.
 BARE_PACKAGE = (f"import sys, types; package = types.ModuleType('qfusion'); package.__path__ = [{str(ROOT / 'qfusion')!r}]; "
                 "sys.modules.setdefault('qfusion', package)")
 if "qfusion" not in sys.modules:
@@ -59,13 +67,15 @@ from bench_attention import (  # noqa: E402
     GOAL_FUSION, Case, flex_runner, goal_table, print_goals, sdpa_runner, timer, varlen_runner,
 )
 
-from qfusion.layout import QUERY, TEXT, AttentionMeta, dense_mask, pack  # noqa: E402
-from qfusion.ops.attention import eager_attention, sdpa_attention  # noqa: E402
+from qfusion.layout import pack  # noqa: E402
+from qfusion.ops.attention import IMPLEMENTATIONS, eager_attention, sdpa_attention  # noqa: E402
+from qfusion.ops.meta import QUERY, TEXT, AttentionMeta, dense_mask  # noqa: E402
 
-STAGES = ("S0", "S1", "S2", "S3", "S4", "S5")
+STAGES = ("S0", "S1", "S2", "S3", "S4", "S5", "S6")
 # Seconds each stage is expected to need at most on a GPU; a stage starts only if this much is left
 # (S5 is cheap and always runs).
-STAGE_RESERVE = {"S0": 20, "S1": 60, "S2": 60, "S3": 150, "S4": 40, "S5": 0}
+STAGE_RESERVE = {"S0": 20, "S1": 60, "S2": 60, "S3": 150, "S4": 40, "S5": 0, "S6": 90}
+TTFT_HOST_RESERVE = 40  # seconds S6 needs for one 7B host: build, warm-up and timed rounds
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -92,10 +102,12 @@ def write_atomic(path: Path, result: dict) -> None:
 class Context:
     """What the stages share: device, dtypes, sizes (smoke or real), timing, the result so far."""
 
-    def __init__(self, smoke: bool, deadline: Deadline, out: Path):
+    def __init__(self, smoke: bool, deadline: Deadline, out: Path, requested=STAGES, ttft_fusion_impl: str = "sdpa"):
         self.smoke = smoke
         self.deadline = deadline
         self.out = out
+        self.requested = tuple(requested)
+        self.ttft_fusion_impl = ttft_fusion_impl
         self.device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
         # The interpreter computes bfloat16 dots wrongly: the smoke run uses float16 / float32.
         self.dtypes = (torch.float16,) if smoke else (torch.bfloat16, torch.float16)
@@ -111,6 +123,10 @@ class Context:
 
             return float(triton.testing.do_bench(fn, warmup=5, rep=40))
         return self.measure_cpu(fn)
+
+    def reserve_after(self, stage: str) -> float:
+        """Seconds the requested stages after ``stage`` keep for themselves (a looping stage stops short of them)."""
+        return sum(STAGE_RESERVE[s] for s in STAGES[STAGES.index(stage) + 1:] if s in self.requested)
 
     def save(self) -> None:
         write_atomic(self.out, self.result)
@@ -145,18 +161,18 @@ def stage_s0(ctx: Context) -> dict:
 
 def stage_s1(ctx: Context) -> dict:
     """Compile in a subprocess without the interpreter (kernels are interpreted objects under it)."""
-    from qfusion.ops.kernel_configs import table_arch
+    from qfusion.ops.triton.configs import table_arch
 
     # The device's own generation (the smoke run has none: it compiles for sm_90).
     arch = table_arch(torch.cuda.get_device_capability(0)) if ctx.device == "cuda" else 90
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.json"
-        main = "from qfusion.ops.compile_check import main; sys.exit(main(sys.argv[1:]))"
+        main = "from compile_check import main; sys.exit(main(sys.argv[1:]))"
         command = [sys.executable, "-c", f"{BARE_PACKAGE}; {main}", "--arch", str(arch), "--json", str(rows_path)]
         command += ["--limit", "1"] if ctx.smoke else ["--full", "--jobs", str(max(os.cpu_count() or 1, 1))]
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-        timeout = max(ctx.deadline.left() - sum(STAGE_RESERVE[s] for s in ("S2", "S3")), 30)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
+        timeout = max(ctx.deadline.left() - ctx.reserve_after("S1"), 30)
         started = time.perf_counter()
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
@@ -164,7 +180,7 @@ def stage_s1(ctx: Context) -> dict:
         except subprocess.TimeoutExpired:
             code, log = "timeout", ""
         rows = json.loads(rows_path.read_text()) if rows_path.exists() else []
-    from qfusion.ops.compile_check import problems
+    from compile_check import problems
 
     return dict(arch=arch, exit=code, seconds=round(time.perf_counter() - started, 1), compiled=len(rows),
                 problems=[dict(row, problems=problems(row)) for row in rows if problems(row)], rows=rows,
@@ -219,7 +235,7 @@ def _blind_rows(device):
 
 def _check_case(ctx: Context, name: str, meta_q, meta_k, policy: str, dtype, dim: int) -> dict:
     """Kernel out, dq, dk, dv vs float64; bound max(2x SDPA's error in dtype, floor)."""
-    from qfusion.ops.triton_attention import triton_fusion_attention
+    from qfusion.ops.triton import triton_fusion_attention
 
     gen = torch.Generator(device=ctx.device).manual_seed(0)
     heads = 2
@@ -309,7 +325,7 @@ def _time_impl(ctx: Context, fn, inputs, backward: bool) -> dict:
 
 def _measure(ctx: Context, case: Case, impls: dict, peak: float | None) -> list[dict]:
     """Time each (name -> builder) implementation on the case; failures are recorded per impl."""
-    from qfusion.ops.triton_attention import default_config, tile_stats
+    from qfusion.ops.triton import default_config, tile_stats
 
     meta, q, k, v = _inputs(ctx, case)
     pairs = sum(int(dense_mask(case.policy, meta, meta, b).sum()) for b in range(meta.num_samples))
@@ -319,7 +335,7 @@ def _measure(ctx: Context, case: Case, impls: dict, peak: float | None) -> list[
     executed_flops = 4 * case.head_dim * case.heads * stats.executed * fwd.block_m * fwd.block_n
     rows = []
     for name, build in impls.items():
-        if ctx.deadline.left() < 15:
+        if ctx.deadline.left() < 15 + ctx.reserve_after("S3"):
             rows.append(dict(case=case.name, policy=case.policy, impl=name, note="dropped: deadline"))
             continue
         row = dict(case=case.name, **vars(case), impl=name, visible_pairs=pairs,
@@ -344,7 +360,7 @@ def _measure(ctx: Context, case: Case, impls: dict, peak: float | None) -> list[
 
 
 def _triton_impl(q, k, v, meta, case):
-    from qfusion.ops.triton_attention import default_config, triton_fusion_attention
+    from qfusion.ops.triton import default_config, triton_fusion_attention
 
     return ((lambda: triton_fusion_attention(q, k, v, meta, meta, policy=case.policy)), (q, k, v), True,
             dict(config=default_config(q).as_ints()))
@@ -413,7 +429,7 @@ def stage_s3(ctx: Context) -> dict:
             case, impls = _fusion_case(ctx, what, dim), fusion_impls
         else:
             case, impls = Case(1 if ctx.smoke else 4, ctx.heads, dim, "causal", length=what), causal_impls
-        if ctx.deadline.left() < 30:
+        if ctx.deadline.left() < 30 + ctx.reserve_after("S3"):
             rows.append(dict(case=case.name, **vars(case), impl="*", note="dropped: deadline"))
             continue
         rows += _measure(ctx, case, impls, peak)
@@ -426,8 +442,7 @@ def stage_s3(ctx: Context) -> dict:
 
 def stage_s4(ctx: Context) -> dict:
     """Forward and fwd+bwd time of a few configs at the fusion shape (grouped), and the autotuner's choice."""
-    from qfusion.ops.kernel_configs import KernelConfig, PassConfig
-    from qfusion.ops.triton_attention import autotune, default_config, triton_fusion_attention, tuned_configs
+    from qfusion.ops.triton import KernelConfig, PassConfig, default_config, triton_fusion_attention, tuned_configs
 
     rows = []
     for dim in ((16,) if ctx.smoke else (64, 128)):
@@ -443,7 +458,7 @@ def stage_s4(ctx: Context) -> dict:
             ] + [KernelConfig(base.fwd, PassConfig(*dkdv), PassConfig(*dq))
                  for dkdv, dq in (((64, 64, 8, 3), (64, 64, 8, 3)), ((32, 128, 8, 3), (128, 32, 8, 3)))]
         for config in candidates:
-            if ctx.deadline.left() < 10:
+            if ctx.deadline.left() < 10 + ctx.reserve_after("S4"):
                 rows.append(dict(head_dim=dim, config=config.as_ints(), note="dropped: deadline"))
                 continue
             row = dict(head_dim=dim, config=config.as_ints(), default=config == base)
@@ -453,9 +468,9 @@ def stage_s4(ctx: Context) -> dict:
             except Exception as error:  # noqa: BLE001
                 row["error"] = _describe(error)
             rows.append(row)
-        if ctx.deadline.left() > 20:
+        if ctx.deadline.left() > 20 + ctx.reserve_after("S4"):
             try:
-                autotune(q, k, v, meta, meta, policy="grouped")
+                triton_fusion_attention(q, k, v, meta, meta, policy="grouped", config="autotune")
             except Exception as error:  # noqa: BLE001
                 rows.append(dict(head_dim=dim, autotune_error=_describe(error)))
     return dict(case="grouped fusion shape", rows=rows, autotuned=tuned_configs())
@@ -472,7 +487,22 @@ def stage_s5(ctx: Context) -> dict:
     return dict(goals=goals, stage_status=stages, correctness=f"{s2.get('passed')}/{s2.get('total')}")
 
 
-RUNNERS = {"S0": stage_s0, "S1": stage_s1, "S2": stage_s2, "S3": stage_s3, "S4": stage_s4, "S5": stage_s5}
+def stage_s6(ctx: Context) -> dict:
+    """Time to first token of the 7B-shaped hosts, alone and with the plugin (tiny shapes in the smoke run)."""
+    import host_ttft
+
+    if ctx.device == "cuda":
+        torch.cuda.empty_cache()  # what S2-S4 left cached
+    result = host_ttft.run("smoke" if ctx.smoke else "7b", ctx.device,
+                           torch.float32 if ctx.smoke else torch.bfloat16, rounds=1 if ctx.smoke else 5,
+                           fusion_impl=ctx.ttft_fusion_impl, left=ctx.deadline.left,
+                           host_reserve_s=0 if ctx.smoke else TTFT_HOST_RESERVE)
+    host_ttft.print_table(result["rows"])
+    return result
+
+
+RUNNERS = {"S0": stage_s0, "S1": stage_s1, "S2": stage_s2, "S3": stage_s3, "S4": stage_s4, "S5": stage_s5,
+           "S6": stage_s6}
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -510,10 +540,12 @@ def default_out(smoke: bool) -> Path:
 def main(argv=None) -> dict:
     """Run the requested stages under the deadline; returns the result that was written."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of S0..S5")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of S0..S6")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole run (internal deadline)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
     parser.add_argument("--out", default=None, help="the JSON file (default: results/gpu-validate-<device>.json)")
+    parser.add_argument("--ttft-fusion-impl", default="sdpa", choices=IMPLEMENTATIONS,
+                        help="the plugin's attention implementation in S6 (flex and triton compile inside the visit)")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
@@ -523,7 +555,8 @@ def main(argv=None) -> dict:
         parser.error("--smoke: expected TRITON_INTERPRET=1 in the environment (set before Python starts)")
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU, or pass --smoke under TRITON_INTERPRET=1")
-    ctx = Context(args.smoke, Deadline(args.budget), Path(args.out) if args.out else default_out(args.smoke))
+    ctx = Context(args.smoke, Deadline(args.budget), Path(args.out) if args.out else default_out(args.smoke),
+                  requested=stages, ttft_fusion_impl=args.ttft_fusion_impl)
     ctx.result.update(budget_s=args.budget, requested=stages, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     for name in STAGES:
         if name not in stages:

@@ -4,9 +4,10 @@ import warnings
 import pytest
 import torch
 
-from qfusion.layout import QUERY, TEXT, VISION, AttentionMeta, pack
+from qfusion.layout import pack
 from qfusion.ops import fusion_attention
 from qfusion.ops import attention as attention_module
+from qfusion.ops.meta import QUERY, TEXT, VISION, AttentionMeta, mask_rule
 
 POLICIES = ["causal", "prefix", "grouped"]
 DOC_SECTIONS = (("docs/kernels.md", "Attention backends"),)
@@ -27,8 +28,6 @@ def random_qkv(tq, tk, heads=2, dim=8, dtype=torch.float64, seed=0):
 
 def brute_force(q, k, v, meta_q, meta_k, policy):
     """Token-by-token softmax over the visible keys (independent of the eager implementation)."""
-    from qfusion.layout import mask_rule
-
     out = torch.zeros_like(q)
     scale = 1 / math.sqrt(q.shape[-1])
     sq, sk = meta_q.sample_ids(), meta_k.sample_ids()
@@ -217,12 +216,12 @@ def test_docs_attention_backends_example_runs():
 
 
 def test_sdpa_runs_a_full_causal_forward_without_a_mask_and_equals_eager_with_grads():
-    from qfusion.ops.attention import _sdpa_mask
+    from qfusion.ops.attention import sdpa_mask
 
     layout = pack([7, 3, 11], [[2, 1], [4], [1, 2, 3]], budget=(3, 2), policy="causal")
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(layout.num_tokens, 2, 8, generator=gen, requires_grad=True) for _ in range(3))
-    assert _sdpa_mask("causal", layout.meta, layout.meta) == (None, None)  # the masked half is skipped
+    assert sdpa_mask("causal", layout.meta, layout.meta) == (None, None)  # the masked half is skipped
     grads = {}
     for impl in ("sdpa", "eager"):
         out = fusion_attention(q, k, v, layout.meta, layout.meta, policy="causal", impl=impl)
@@ -230,5 +229,5 @@ def test_sdpa_runs_a_full_causal_forward_without_a_mask_and_equals_eager_with_gr
     for got, want in zip(grads["sdpa"], grads["eager"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     prefix = pack([7, 3], [[2], [4]], budget=(3, 2), policy="prefix")
-    first = _sdpa_mask("prefix", prefix.meta, prefix.meta)
-    assert first[0] is not None and _sdpa_mask("prefix", prefix.meta, prefix.meta)[0] is first[0]  # built once
+    first = sdpa_mask("prefix", prefix.meta, prefix.meta)
+    assert first[0] is not None and sdpa_mask("prefix", prefix.meta, prefix.meta)[0] is first[0]  # built once

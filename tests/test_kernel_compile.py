@@ -1,7 +1,7 @@
 """The kernel's production configs compile for sm_80 and sm_90 without spills, with pipelined loops.
 
 No GPU is needed: ``triton.compile`` with a ``GPUTarget`` runs Triton's NVIDIA pipeline and its
-bundled ``ptxas`` on the host (:mod:`qfusion.ops.compile_check`). The kernels must be compiled in a
+bundled ``ptxas`` on the host (``benchmarks/compile_check.py``). The kernels must be compiled in a
 process where ``TRITON_INTERPRET`` is unset (under it they are interpreted objects), so each test
 module run compiles once in a subprocess and the tests read its rows. The default run compiles a
 subset (bfloat16, d = 64 and 128, ``grouped``: the most mask code, on both targets); the slow run
@@ -18,10 +18,14 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="the compile check needs triton")
-from qfusion.ops.compile_check import Case, problems, production_cases  # noqa: E402
-from qfusion.ops.kernel_configs import ARCHS, TABLE, PassConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"  # the compile check is a developer tool there, not in the package
+sys.path.insert(0, str(BENCHMARKS))
+
+from compile_check import Case, problems, production_cases  # noqa: E402
+
+from qfusion.ops.triton.configs import ARCHS, TABLE, PassConfig  # noqa: E402
 
 # The check must be able to fail: one stage cannot pipeline (nothing to overlap), so its loops
 # hold no multi-buffered async copies.
@@ -31,11 +35,11 @@ SCRIPT = """
 import json, sys
 from concurrent.futures import ProcessPoolExecutor
 import torch
-from qfusion.ops.compile_check import Case, _quiet, compile_case, production_cases
-from qfusion.ops.kernel_configs import PassConfig
+from compile_check import Case, compile_case, production_cases, quiet
+from qfusion.ops.triton.configs import PassConfig
 cases = production_cases(full={full})
 cases.append(Case("fwd", 80, torch.bfloat16, 64, "causal", override=PassConfig(64, 64, 4, 1)))
-with ProcessPoolExecutor(2, initializer=_quiet) as pool:  # CI has 2 cores
+with ProcessPoolExecutor(2, initializer=quiet) as pool:  # CI has 2 cores
     json.dump(list(pool.map(compile_case, cases)), open(sys.argv[1], "w"))
 """
 
@@ -47,7 +51,7 @@ def compile_rows(tmp_path_factory, full: bool) -> list[dict]:
         pytest.skip("this triton has no NVIDIA backend")
     out = tmp_path_factory.mktemp("compile") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(BENCHMARKS), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", SCRIPT.format(full=full), str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qfusion.layout import NO_GROUP, QUERY, TEXT, VISION, dense_mask, mask_rule, pack
+from qfusion.layout import NO_GROUP, QUERY, TEXT, VISION, dense_mask, pack
 
 # v v | t q e | t e | t e : vision 2, group 0 (1 text + m=2), groups 1 and 2 (1 text + n=1)
 SMALL = dict(vision_lengths=[2], question_lengths=[[1, 1, 1]], budget=(2, 1))
@@ -113,14 +113,6 @@ def test_no_question_ablation_groups_hold_only_slots():
     layout = pack([3], [[0, 0]], budget=(3, 2))
     assert layout.meta.kind.tolist() == [VISION] * 3 + [QUERY] * 5
     assert layout.text_index.numel() == 0
-
-
-def test_mask_rule_broadcasts_and_rejects_unknown_policy():
-    q = torch.tensor([[TEXT]]), torch.tensor([[2]]), torch.tensor([[5]])
-    k = torch.tensor([[VISION, TEXT, TEXT]]), torch.tensor([[NO_GROUP, 1, 0]]), torch.tensor([[0, 4, 2]])
-    assert mask_rule("grouped", *q, *k).tolist() == [[True, False, True]]
-    with pytest.raises(ValueError, match="policy"):
-        mask_rule("sliding", *q, *k)
 
 
 @pytest.mark.parametrize(

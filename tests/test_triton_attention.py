@@ -23,13 +23,14 @@ import triton.language as tl  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from qfusion.layout import QUERY, TEXT, VISION, AttentionMeta, dense_mask, mask_rule, pack  # noqa: E402
+from qfusion.layout import pack  # noqa: E402
 from qfusion.ops import fusion_attention  # noqa: E402
 from qfusion.ops.attention import eager_attention  # noqa: E402
-from qfusion.ops.kernel_configs import KernelConfig, PassConfig  # noqa: E402
-from qfusion.ops.triton_attention import (  # noqa: E402
-    FULL, POLICY_CODES, SKIP, _mask_rule, build_plan, tile_classes, tile_lists, tile_stats, triton_fusion_attention,
-)
+from qfusion.ops.meta import QUERY, TEXT, VISION, AttentionMeta, dense_mask, mask_rule  # noqa: E402
+from qfusion.ops.triton.configs import KernelConfig, PassConfig  # noqa: E402
+from qfusion.ops.triton.kernels import POLICY_CODES, kernel_mask_rule  # noqa: E402
+from qfusion.ops.triton.op import triton_fusion_attention  # noqa: E402
+from qfusion.ops.triton.plan import FULL, SKIP, build_plan, tile_classes, tile_lists, tile_stats  # noqa: E402
 
 POLICIES = ["causal", "prefix", "grouped"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -273,7 +274,7 @@ def _rule_kernel(QKind, QGroup, QOrder, KKind, KGroup, KOrder, Out, n, POLICY: t
     offs = tl.arange(0, BLOCK)
     valid = offs < n
     args = [tl.load(p + offs, mask=valid, other=0) for p in (QKind, QGroup, QOrder, KKind, KGroup, KOrder)]
-    tl.store(Out + offs, _mask_rule(POLICY, *args).to(tl.int32), mask=valid)
+    tl.store(Out + offs, kernel_mask_rule(POLICY, *args).to(tl.int32), mask=valid)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -442,11 +443,11 @@ def test_rejects_bad_inputs_naming_the_argument():
                                     pytest.param("prefix", marks=pytest.mark.slow), "grouped"])
 def test_question_fusion_with_triton_equals_eager(policy, monkeypatch):
     from qfusion import FusionConfig, QuestionFusion
-    from qfusion.ops import triton_attention
+    from qfusion.ops.triton import op
 
     calls = []
-    kernel = triton_attention.triton_fusion_attention
-    monkeypatch.setattr(triton_attention, "triton_fusion_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    kernel = op.triton_fusion_attention
+    monkeypatch.setattr(op, "triton_fusion_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     torch.manual_seed(0)
     config = FusionConfig(vision_dim=12, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                           codebook_size=16, m=4, n=2, output_dim=24, text_vocab_size=50, mask=policy)
@@ -474,23 +475,23 @@ def test_question_fusion_with_triton_equals_eager(policy, monkeypatch):
 
 
 def test_autotune_keeps_the_fastest_candidate_and_records_it(monkeypatch):
-    from qfusion.ops import triton_attention
-    from qfusion.ops.kernel_configs import candidates
+    from qfusion.ops.triton import configs
 
-    monkeypatch.setattr(triton_attention, "_tuned", {})
+    monkeypatch.setattr(configs, "_tuned", {})
     layout = pack([20], [[3, 2]], budget=(4, 2), policy="prefix")
     meta = to_device(layout.meta)
     q, k, v, _ = random_inputs(layout.num_tokens, layout.num_tokens, 1, 16, seed=13)
     q, k, v = (x.to(DEVICE, torch.float32).requires_grad_() for x in (q, k, v))
-    options = candidates(torch.cuda.get_device_capability() if DEVICE == "cuda" else None, torch.float32, 16)
+    options = configs.candidates(torch.cuda.get_device_capability() if DEVICE == "cuda" else None, torch.float32, 16)
     fake_ms = iter([5.0, 1.0] + [9.0] * (len(options) - 2))  # the second candidate is the fastest
-    chosen = triton_attention.autotune(q, k, v, meta, meta, policy="prefix", measure=lambda fn: (fn(), next(fake_ms))[1])
+    chosen = configs.autotune(q, k, v, meta, meta, policy="prefix", attention=triton_fusion_attention,
+                              measure=lambda fn: (fn(), next(fake_ms))[1])
     assert chosen == options[1]
-    (record,) = triton_attention.tuned_configs()
+    (record,) = configs.tuned_configs()
     assert record["chosen"] == options[1].as_ints() and record["backward"] and len(record["timings_ms"]) == len(options)
     # cached: the same bucket does not time again; the result equals the reference
     out = triton_fusion_attention(q, k, v, meta, meta, policy="prefix", config="autotune")
     torch.testing.assert_close(out, eager_attention(q, k, v, meta, meta, "prefix", 0.25), rtol=1e-5, atol=1e-5)
-    assert len(triton_attention.tuned_configs()) == 1
+    assert len(configs.tuned_configs()) == 1
     with pytest.raises(ValueError, match="config: expected a KernelConfig, 'autotune' or None"):
         triton_fusion_attention(q, k, v, meta, meta, policy="prefix", config="fastest")

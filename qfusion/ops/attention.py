@@ -11,7 +11,7 @@
   (sample boundaries are part of the rule) by the compiled ``create_block_mask`` on CUDA (never a
   dense mask there), cached per metadata pair. On CPU it has no backward: with gradients needed it
   falls back to ``sdpa``.
-* ``triton``: the fused block-sparse kernel (:mod:`qfusion.ops.triton_attention`); needs CUDA or
+* ``triton``: the fused block-sparse kernel (:mod:`qfusion.ops.triton`); needs CUDA or
   the Triton interpreter (``TRITON_INTERPRET=1``, float32 / float16 only: the interpreter computes
   bfloat16 dots wrongly, so bfloat16 there is refused).
 * ``auto``: ``triton`` on CUDA for the (device capability, dtype) pairs in
@@ -23,9 +23,7 @@ rows that see no key produce zeros (never NaN), with zero gradients.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import warnings
 import weakref
 
@@ -34,7 +32,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from qfusion.layout import POLICIES, AttentionMeta, dense_mask, mask_rule
+from qfusion.ops import checks
+from qfusion.ops.meta import POLICIES, AttentionMeta, dense_mask, mask_rule
 
 IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex", "triton")
 
@@ -52,28 +51,6 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, stacklevel=3)
-
-
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: AttentionMeta) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dim() != 3:
-            raise ValueError(f"{name}: expected a packed (T, H, D) tensor, got shape {tuple(x.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if q.shape[1:] != k.shape[1:]:
-        raise ValueError(f"k: expected (Tk, {q.shape[1]}, {q.shape[2]}) to match q, got {tuple(k.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v: expected one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
-    if meta_q.num_tokens != q.shape[0]:
-        raise ValueError(f"meta_q: describes {meta_q.num_tokens} tokens, q has {q.shape[0]}")
-    if meta_k.num_tokens != k.shape[0]:
-        raise ValueError(f"meta_k: describes {meta_k.num_tokens} tokens, k has {k.shape[0]}")
-    if meta_q.num_samples != meta_k.num_samples:
-        raise ValueError(
-            f"meta_k: expected {meta_q.num_samples} samples like meta_q, got {meta_k.num_samples}"
-        )
 
 
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: AttentionMeta,
@@ -106,7 +83,7 @@ def _local_index(meta: AttentionMeta) -> tuple[Tensor, Tensor]:
     return sample, local
 
 
-def _pad(x: Tensor, meta: AttentionMeta, fill=0) -> tuple[Tensor, Tensor]:
+def pad_packed(x: Tensor, meta: AttentionMeta, fill=0) -> tuple[Tensor, Tensor]:
     """Scatter packed rows (T, ...) into a padded (B, L_max, ...) tensor; returns it and (B, L_max) validity."""
     sample, local = _local_index(meta)
     shape = (meta.num_samples, max(meta.max_seqlen, 1)) + tuple(x.shape[1:])
@@ -119,8 +96,8 @@ def _pad(x: Tensor, meta: AttentionMeta, fill=0) -> tuple[Tensor, Tensor]:
 
 def padded_mask(policy: str, meta_q: AttentionMeta, meta_k: AttentionMeta) -> Tensor:
     """(B, Lq_max, Lk_max) boolean mask of the per-sample padded batch (padding never visible)."""
-    (kq, valid_q), (gq, _), (oq, _) = (_pad(t, meta_q) for t in (meta_q.kind, meta_q.group, meta_q.order))
-    (kk, valid_k), (gk, _), (ok, _) = (_pad(t, meta_k) for t in (meta_k.kind, meta_k.group, meta_k.order))
+    (kq, valid_q), (gq, _), (oq, _) = (pad_packed(t, meta_q) for t in (meta_q.kind, meta_q.group, meta_q.order))
+    (kk, valid_k), (gk, _), (ok, _) = (pad_packed(t, meta_k) for t in (meta_k.kind, meta_k.group, meta_k.order))
     rule = mask_rule(policy, kq[:, :, None], gq[:, :, None], oq[:, :, None],
                      kk[:, None, :], gk[:, None, :], ok[:, None, :])
     return rule & valid_q[:, :, None] & valid_k[:, None, :]
@@ -138,7 +115,7 @@ def _is_plain_causal(policy: str, meta_q: AttentionMeta, meta_k: AttentionMeta) 
     return torch.equal(meta_q.order.long(), _local_index(meta_q)[1])
 
 
-def _sdpa_mask(policy: str, meta_q: AttentionMeta, meta_k: AttentionMeta):
+def sdpa_mask(policy: str, meta_q: AttentionMeta, meta_k: AttentionMeta):
     """(mask (B, 1, Lq, Lk) or None for plain causal, rows that see a key (B, Lq, 1) or None), built
     once per metadata pair and policy (every layer of a forward reuses it)."""
     per_q = _sdpa_masks.setdefault(meta_q, {})
@@ -160,10 +137,10 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_
                    policy: str, scale: float) -> Tensor:
     """SDPA on the per-sample padded batch with a (B, 1, Lq, Lk) boolean mask (``is_causal`` where
     the rule is plain causal)."""
-    mask, seen = _sdpa_mask(policy, meta_q, meta_k)
-    qp, _ = _pad(q, meta_q)
-    kp, _ = _pad(k, meta_k)
-    vp, _ = _pad(v, meta_k)
+    mask, seen = sdpa_mask(policy, meta_q, meta_k)
+    qp, _ = pad_packed(q, meta_q)
+    kp, _ = pad_packed(k, meta_k)
+    vp, _ = pad_packed(v, meta_k)
     out = F.scaled_dot_product_attention(
         rearrange(qp, "b l h d -> b h l d"), rearrange(kp, "b l h d -> b h l d"),
         rearrange(vp, "b l h d -> b h l d"), attn_mask=mask, is_causal=mask is None, scale=scale,
@@ -230,22 +207,6 @@ def flex_attention_packed(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta
     return rearrange(out, "1 h t d -> t h d")
 
 
-def _triton_usable(q: Tensor) -> str | None:
-    """None when the Triton kernel can run on q, else the reason it cannot."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (pip install 'qfusion[triton]')"
-    if not q.is_cuda and not interpreter_active():
-        return "the Triton kernel needs a CUDA tensor or TRITON_INTERPRET=1"
-    return None
-
-
-def interpreter_active() -> bool:
-    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def auto_impl(capability: tuple[int, int] | None, dtype: torch.dtype, *, triton_usable: bool,
               flex_available: bool) -> str:
     """What ``auto`` runs: capability is the CUDA device's (major, minor), None off CUDA."""
@@ -256,25 +217,21 @@ def auto_impl(capability: tuple[int, int] | None, dtype: torch.dtype, *, triton_
     return "flex" if flex_available else "sdpa"
 
 
-def _flex_available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
-
-
 def resolve_impl(impl: str, q: Tensor, needs_grad: bool) -> str:
     """The implementation that will actually run for ``impl`` on these inputs (fallbacks warn once)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl: expected one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
         capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-        return auto_impl(capability, q.dtype, triton_usable=capability is not None and _triton_usable(q) is None,
-                         flex_available=_flex_available())
+        triton_usable = capability is not None and checks.triton_unusable_reason(q) is None
+        return auto_impl(capability, q.dtype, triton_usable=triton_usable, flex_available=checks.flex_available())
     if impl == "triton":
-        reason = _triton_usable(q)
+        reason = checks.triton_unusable_reason(q)
         if reason is not None:
             _warn_once(f"triton:{reason}", f"fusion_attention: impl='triton' falls back to 'sdpa': {reason}")
             return "sdpa"
     if impl == "flex":
-        if not _flex_available():
+        if not checks.flex_available():
             _warn_once("flex:missing", "fusion_attention: impl='flex' falls back to 'sdpa': "
                        "this torch has no FlexAttention")
             return "sdpa"
@@ -293,7 +250,7 @@ def fusion_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, met
     meta_q, meta_k: per-token metadata of each side. ``cu_seqlens`` of both sides have the same
         number of samples; they are equal for a full forward and differ for an incremental ``ask``
         (new queries against cached plus new keys).
-    policy: "causal", "prefix" or "grouped" (see :func:`qfusion.layout.mask_rule`).
+    policy: "causal", "prefix" or "grouped" (see :func:`qfusion.ops.meta.mask_rule`).
     impl: "auto", "eager", "sdpa", "flex" or "triton".
     scale: softmax scale, default 1/sqrt(D).
 
@@ -301,7 +258,7 @@ def fusion_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, met
     """
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {POLICIES}, got {policy!r}")
-    _check_inputs(q, k, v, meta_q, meta_k)
+    checks.check_inputs(q, k, v, meta_q, meta_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     chosen = resolve_impl(impl, q, needs_grad)
@@ -315,6 +272,7 @@ def fusion_attention(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, met
             # and the reference's answer (empty, or zeros) costs nothing.
             return eager_attention(q, k, v, meta_q, meta_k, policy, scale)
         return flex_attention_packed(q, k, v, meta_q, meta_k, policy, scale)
-    from qfusion.ops.triton_attention import triton_fusion_attention
+    # Imported here: triton is an optional dependency, needed only when its kernel was chosen.
+    from qfusion.ops.triton.op import triton_fusion_attention
 
     return triton_fusion_attention(q, k, v, meta_q, meta_k, policy=policy, scale=scale)

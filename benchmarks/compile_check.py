@@ -1,8 +1,8 @@
 """Compile the fused attention kernel for GPU targets without a GPU, and read what came out.
 
 ``triton.compile`` with a ``GPUTarget`` runs the whole NVIDIA pipeline (TTIR, TTGIR, LLVM, PTX,
-``ptxas``) on the host; this module compiles every production config of
-:mod:`qfusion.ops.kernel_configs` that way and reports, per kernel, the registers, spills, stack
+``ptxas``) on the host; this script compiles every production config of
+:mod:`qfusion.ops.triton.configs` that way and reports, per kernel, the registers, spills, stack
 and shared memory (from ``ptxas -v`` on the PTX, and the stack frame of the cubin Triton built, where
 spills go), and whether its tile loops are software-pipelined: async
 copies into multi-buffered shared memory in the TTGIR and ``cp.async`` in the PTX.
@@ -10,7 +10,10 @@ copies into multi-buffered shared memory in the TTGIR and ``cp.async`` in the PT
 Triton kernels are interpreted objects when ``TRITON_INTERPRET=1`` was set before triton was
 imported, so run this in a process without it (the tests do, in a subprocess)::
 
-    python -m qfusion.ops.compile_check [--full] [--arch 90] [--jobs 8] [--json PATH]
+    PYTHONPATH=. python benchmarks/compile_check.py [--full] [--arch 90] [--jobs 8] [--json PATH]
+
+A developer's tool (``tests/test_kernel_compile.py`` and ``gpu_validate.py`` run it), kept out of the
+installed package.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from qfusion.ops.kernel_configs import (
+from qfusion.ops.triton.configs import (
     ALTERNATES, ARCHS, HEAD_DIM_BUCKETS, TABLE, PassConfig, dtype_kind, head_dim_bucket,
 )
 
@@ -83,17 +86,16 @@ def production_cases(full: bool = True, archs=ARCHS) -> list[Case]:
 
 
 def _kernel_fn(kernel: str):
-    from qfusion.ops import triton_attention
+    from qfusion.ops.triton import kernels
 
-    return {"fwd": triton_attention._fwd_kernel, "dkdv": triton_attention._bwd_dkdv_kernel,
-            "dq": triton_attention._bwd_dq_kernel}[kernel]
+    return {"fwd": kernels.fwd_kernel, "dkdv": kernels.bwd_dkdv_kernel, "dq": kernels.bwd_dq_kernel}[kernel]
 
 
 def _source(case: Case):
     """An ASTSource with the signature and alignment a launch from PyTorch tensors would have."""
     from triton.compiler import ASTSource
 
-    from qfusion.ops.triton_attention import POLICY_CODES, block_d
+    from qfusion.ops.triton.kernels import POLICY_CODES, block_d
 
     fn = _kernel_fn(case.kernel)
     if not hasattr(fn, "arg_names"):
@@ -247,10 +249,10 @@ def describe(row: dict) -> str:
             f"{', wgmma async' if row['async_mma'] else ''}  {row['compile_s']} s")
 
 
-def _quiet() -> None:
+def quiet() -> None:
+    """Silence Triton's notice about its fp-fusion default, not ours to act on (pool workers call it too)."""
     import warnings
 
-    # Triton's own notice about its fp-fusion default is not ours to act on here.
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
 
 
@@ -264,10 +266,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the rows to this JSON file (rewritten after each case)")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     args = parser.parse_args(argv)
-    _quiet()
+    quiet()
     cases = production_cases(full=args.full, archs=tuple(args.arch or ARCHS))[: args.limit]
     rows = []
-    with ProcessPoolExecutor(args.jobs, initializer=_quiet) if args.jobs > 1 else nullcontext() as pool:
+    with ProcessPoolExecutor(args.jobs, initializer=quiet) if args.jobs > 1 else nullcontext() as pool:
         for row in (pool.map(compile_case, cases) if pool else map(compile_case, cases)):
             rows.append(row)
             print(describe(row), flush=True)

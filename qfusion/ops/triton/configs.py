@@ -1,4 +1,4 @@
-"""Tile sizes, warps and pipeline stages of the fused attention kernel, per GPU generation.
+"""Tile sizes, warps and pipeline stages of the fused attention kernel, per GPU generation, and the autotuner.
 
 Each pass of the kernel has its own choice: the forward and the dQ pass hold one query tile and
 stream key tiles, the dK/dV pass holds one key tile (and two float32 accumulators) and streams
@@ -7,13 +7,23 @@ query tiles, so it takes smaller streamed tiles to stay within the register file
 query loops (asserted from the compiled code by ``tests/test_kernel_compile.py``, which needs no
 GPU). The entries were chosen from compiled code alone (registers, spills, shared memory); their
 speed on a device is for ``benchmarks/gpu_validate.py`` to measure, and has not been yet.
+
+:func:`autotune` times the table's entry and a few alternates on given inputs and keeps the fastest
+per shape bucket, for users who opt in (``triton_fusion_attention(..., config="autotune")``).
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import astuple, dataclass
+from typing import Callable
 
 import torch
+import triton
+from torch import Tensor
+
+from qfusion.ops.meta import AttentionMeta
 
 ARCHS = (80, 90)
 """Compute capabilities with a table entry: sm_80 (Ampere; also used for other sm_8x) and sm_90 (Hopper and later)."""
@@ -103,7 +113,7 @@ TABLE: dict[tuple[int, str, int], KernelConfig] = {
 }
 
 
-# Further candidates for the optional autotuner (:func:`qfusion.ops.triton_attention.autotune`),
+# Further candidates for the optional autotuner (:func:`autotune`),
 # tried after the table's entry; the compile check's full set covers them too.
 ALTERNATES: dict[tuple[int, str, int], tuple[KernelConfig, ...]] = {
     (arch, "half", dim): (
@@ -149,3 +159,80 @@ def candidates(capability: tuple[int, int] | None, dtype: torch.dtype, head_dim:
         return [INTERPRETER, KernelConfig.uniform(16, 16)]
     key = (table_arch(capability), dtype_kind(dtype), head_dim_bucket(head_dim))
     return [TABLE[key], *ALTERNATES.get(key, ())]
+
+
+def device_capability(q: Tensor) -> tuple[int, int] | None:
+    """The CUDA capability of q's device, None off CUDA (the interpreter)."""
+    return torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+
+
+def default_config(q: Tensor) -> KernelConfig:
+    """The kernel config for q's device, dtype and head dim (:func:`select_config`)."""
+    return select_config(device_capability(q), q.dtype, q.shape[-1])
+
+
+_tuned: dict[tuple, dict] = {}
+
+
+def _default_measure(fn: Callable[[], None], cuda: bool) -> float:
+    if cuda:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=5, rep=25))
+    fn()  # the first call builds the tile lists
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+def autotune(q: Tensor, k: Tensor, v: Tensor, meta_q: AttentionMeta, meta_k: AttentionMeta, *, policy: str,
+             attention: Callable[..., Tensor],
+             measure: Callable[[Callable[[], None]], float] | None = None) -> KernelConfig:
+    """The fastest of :func:`candidates` on inputs like these.
+
+    Times forward + backward of each candidate (forward only when no input requires grad); a
+    candidate that fails to compile or launch is skipped. The choice is cached per (device
+    capability, dtype, head dim, policy, token counts rounded up to powers of two, backward) and
+    listed by :func:`tuned_configs` for benchmark records. Triton's own ``triton.autotune`` cannot
+    do this: the tile sizes also decide the tile lists, which are built outside the kernel.
+
+    q: (Tq, H, D); k, v: (Tk, H, D); meta_q, meta_k, policy as in the kernel's entry.
+    attention: the entry to time, called as ``attention(q, k, v, meta_q, meta_k, policy=, config=)``
+        (:func:`qfusion.ops.triton.op.triton_fusion_attention`, which calls this function for
+        ``config="autotune"``: it is handed in so that the configs never import the entry above them).
+    measure: milliseconds of a callable (default ``triton.testing.do_bench`` on CUDA).
+    """
+    backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    key = (device_capability(q), q.dtype, q.shape[-1], policy, triton.next_power_of_2(max(meta_q.num_tokens, 1)),
+           triton.next_power_of_2(max(meta_k.num_tokens, 1)), backward)
+    if key not in _tuned:
+        measure = measure or (lambda fn: _default_measure(fn, q.is_cuda))
+        inputs = [x.detach().requires_grad_(backward) for x in (q, k, v)]
+        timings = []
+        for config in candidates(key[0], q.dtype, q.shape[-1]):
+            def step(config=config):
+                out = attention(*inputs, meta_q, meta_k, policy=policy, config=config)
+                if backward:
+                    torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+            try:
+                timings.append((measure(step), config))
+            except Exception as error:  # noqa: BLE001 - OutOfResources / CompilationError: not a candidate here
+                timings.append((float("inf"), config, f"{type(error).__name__}: {str(error)[:200]}"))
+        best = min(timings, key=lambda t: t[0])
+        if not math.isfinite(best[0]):
+            raise RuntimeError(f"q: no kernel config runs on these inputs: {[t[2] for t in timings]}")
+        _tuned[key] = dict(config=best[1], timings=timings)
+    return _tuned[key]["config"]
+
+
+def tuned_configs() -> list[dict]:
+    """Every choice :func:`autotune` made in this process, with the candidates' times, as plain data."""
+    rows = []
+    for (capability, dtype, head_dim, policy, tokens_q, tokens_k, backward), entry in _tuned.items():
+        rows.append(dict(capability=capability, dtype=str(dtype).removeprefix("torch."), head_dim=head_dim,
+                         policy=policy, tokens_q=tokens_q, tokens_k=tokens_k, backward=backward,
+                         chosen=entry["config"].as_ints(),
+                         timings_ms=[dict(config=t[1].as_ints(), ms=t[0], **({"error": t[2]} if len(t) > 2 else {}))
+                                     for t in entry["timings"]]))
+    return rows
