@@ -174,6 +174,8 @@ class TrainConfig:
     lora: bool = field(default=False, metadata={
         "help": "LoRA on the LLM (not in align); saved in the plugin's lora/ folder and loaded with it"})
     lora_r: int = 8
+    identity_weight: float = field(default=1.0, metadata={"help": "weight λ of the identity loss in stage 1"})
+    identity_scope: str = field(default="group", metadata={"help": "identity loss scope: 'group' or 'batch'"})
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -499,7 +501,7 @@ def build(cfg: TrainConfig):
     return model, adapter, processors, encoder
 
 
-def align_loss(model, encoder: AnswerEncoder, batch) -> torch.Tensor:
+def align_loss(model, encoder: AnswerEncoder, batch, cfg: "TrainConfig") -> torch.Tensor:
     """Stage 1: contrastive (⟨eos⟩ vs answer) + λ·identity, through the fusion only (no LLM forward)."""
     adapter = get_adapter(model)
     fusion = adapter.fusion
@@ -516,9 +518,8 @@ def align_loss(model, encoder: AnswerEncoder, batch) -> torch.Tensor:
             f"data: every question needs an answer turn; {out.eos_embed.shape[0]} questions, {num} answers")
     answer_embed = encoder(answer_ids, batch["answer_attention_mask"])
     keys = [ids[mask.bool()] for ids, mask in zip(answer_ids, batch["answer_attention_mask"])]
-    config = fusion.config
     return contrastive_loss(out.eos_embed, answer_embed, fusion.logit_scale, keys) + \
-        config.identity_weight * identity_loss(out.slot_states, scope=config.identity_scope)
+        cfg.identity_weight * identity_loss(out.slot_states, scope=cfg.identity_scope)
 
 
 def host_inputs(batch) -> dict:
@@ -578,7 +579,7 @@ def train(cfg: TrainConfig) -> dict:
             m, n = batch["qfusion_budget"]
             with accelerator.accumulate(model):
                 if cfg.stage == "align":
-                    loss = align_loss(fusion_model, encoder, batch)
+                    loss = align_loss(fusion_model, encoder, batch, cfg)
                 else:
                     labels = batch["labels"]
                     logits = model(**host_inputs(batch)).logits

@@ -11,8 +11,13 @@ from qfusion.budget import Budget
 from qfusion.layout import POLICIES
 from qfusion.ops.attention import IMPLEMENTATIONS
 
-FORMAT_VERSION = 1
-"""Version of the on-disk format (config.json + model.safetensors) this code reads and writes."""
+FORMAT_VERSION = 2
+"""Version of the on-disk format (config.json + model.safetensors) this code writes. Format 1 files
+also read: they carried the stage-1 loss weights (``identity_weight``, ``identity_scope``), which
+belong to the training recipe now and are dropped on load."""
+
+TRAINING_FIELDS_OF_FORMAT_1 = ("identity_weight", "identity_scope")
+"""Keys of a format-1 config.json that are training settings, not the module's."""
 
 CONFIG_NAME = "config.json"
 
@@ -92,8 +97,6 @@ class FusionConfig:
     rms_norm_eps: float = _help("Epsilon of the RMSNorm layers.", 1e-6, float)
     rope_theta: float = _help("Base of the rotary position frequencies.", 10000.0, float)
     initializer_range: float = _help("Standard deviation of the initial weights.", 0.02, float)
-    identity_weight: float = _help("Weight λ of the identity loss in stage 1 (L_con + λ·L_id).", 1.0, float)
-    identity_scope: str = _help("Identity loss scope: 'group' (SPEC default) or 'batch' (seed code).", "group", str)
     format_version: int = _help("On-disk format version; checked on load.", FORMAT_VERSION, int)
 
     def __post_init__(self) -> None:
@@ -119,17 +122,13 @@ class FusionConfig:
             raise ValueError(f"mask: expected one of {POLICIES}, got {self.mask!r}")
         if self.attn_impl not in IMPLEMENTATIONS:
             raise ValueError(f"attn_impl: expected one of {IMPLEMENTATIONS}, got {self.attn_impl!r}")
-        if self.identity_scope not in ("group", "batch"):
-            raise ValueError(f"identity_scope: expected 'group' or 'batch', got {self.identity_scope!r}")
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
-        if self.identity_weight < 0:
-            raise ValueError(f"identity_weight: expected >= 0, got {self.identity_weight!r}")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
-                f"format_version: this qfusion reads format {FORMAT_VERSION}, got {self.format_version} "
-                "(saved by a different qfusion release)"
+                f"format_version: this qfusion writes format {FORMAT_VERSION}, got {self.format_version} "
+                "(files of format 1 are read with FusionConfig.from_dict)"
             )
 
     def replace(self, **changes) -> "FusionConfig":
@@ -161,16 +160,37 @@ class FusionConfig:
         return {k: v for k, v in asdict(self).items() if k not in RUNTIME_FIELDS}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FusionConfig":
-        """Build a config from a dict (e.g. a config.json); unknown keys are an error, not ignored."""
+    def from_dict(cls, data: dict, source: str = "data") -> "FusionConfig":
+        """Build a config from a dict (e.g. a config.json), strictly: unknown keys and missing keys are
+        errors naming them (a missing key never falls back to a default, which would change the
+        module). ``format_version`` decides how the file is read: format 1 files drop their
+        training keys (:data:`TRAINING_FIELDS_OF_FORMAT_1`)."""
         if not isinstance(data, dict):
-            raise TypeError(f"data: expected a dict, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
+            raise TypeError(f"{source}: expected a dict, got {type(data).__name__}")
+        if "format_version" not in data:
+            raise ValueError(f"{source}: no 'format_version'; not a qfusion config")
+        version = data["format_version"]
+        if version not in (1, FORMAT_VERSION):
+            raise ValueError(
+                f"{source}: format_version {version!r}; this qfusion reads formats 1 and {FORMAT_VERSION} "
+                "(saved by a newer qfusion release?)"
+            )
+        data = dict(data)
+        if version == 1:
+            for name in TRAINING_FIELDS_OF_FORMAT_1:
+                data.pop(name, None)
+            data["format_version"] = FORMAT_VERSION
+        saved = {f.name for f in fields(cls) if f.name not in RUNTIME_FIELDS}
+        known = saved | set(RUNTIME_FIELDS)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"data: unknown FusionConfig fields {unknown}")
-        if "format_version" not in data:
-            raise ValueError("data: no 'format_version'; not a qfusion config")
+            raise ValueError(f"{source}: unknown FusionConfig fields {unknown}")
+        missing = sorted(saved - set(data))
+        if missing:
+            raise ValueError(
+                f"{source}: missing FusionConfig fields {missing}; a config.json holds every architecture field "
+                "(a default would silently change the module)"
+            )
         return cls(**data)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
@@ -188,4 +208,8 @@ class FusionConfig:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {os.fspath(directory)!r}")
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not valid JSON ({error}); the file is damaged") from None
+        return cls.from_dict(data, source=path)

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from safetensors.torch import load_model
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -350,11 +349,11 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
         for b, sample in enumerate(questions):
             if not isinstance(sample, (list, tuple)):
                 raise TypeError(f"questions[{b}]: expected a list of 1-D LongTensors, got {type(sample).__name__}")
-            if not self.config.use_question:
-                checked.append([None] * max(len(sample), 1))
-                continue
             if len(sample) == 0:
                 raise ValueError(f"questions[{b}]: expected at least one question, got an empty list")
+            if not self.config.use_question:
+                checked.append([None] * len(sample))  # the ids go unused: each entry makes one group
+                continue
             checked.append([self._check_ids(q, f"questions[{b}][{g}]") for g, q in enumerate(sample)])
         return checked
 
@@ -503,13 +502,13 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
                          map_location: str = "cpu", strict: bool = True, **model_kwargs):
-        """Load config.json + model.safetensors (strictly: every weight present, nothing unknown)."""
+        """Load config.json + model.safetensors strictly: every key of the config and every weight
+        present, nothing unknown, one dtype for all weights (the module is built in it)."""
         if "config" not in model_kwargs:
             raise FileNotFoundError(
                 f"model_id: no {CONFIG_NAME} found for {model_id!r}; not a saved QuestionFusion (save_pretrained "
                 f"writes {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
-        model = cls(**model_kwargs)
         if os.path.isdir(model_id):
             path = os.path.join(model_id, WEIGHTS_NAME)
             if not os.path.isfile(path):
@@ -518,5 +517,46 @@ class QuestionFusion(nn.Module, PyTorchModelHubMixin, library_name="qfusion",
             path = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision,
                                    cache_dir=cache_dir, force_download=force_download, token=token,
                                    local_files_only=local_files_only)
-        load_model(model, path, strict=strict, device=str(map_location))
+        config = model_kwargs.pop("config")
+        if isinstance(config, dict):
+            config = FusionConfig.from_dict(config, source=os.path.join(os.path.dirname(path), CONFIG_NAME))
+        model = cls(config, **model_kwargs)
+        load_weights(model, path, device=map_location)
         return model
+
+
+def load_weights(module: nn.Module, path: str, device="cpu") -> None:
+    """Load a safetensors file into ``module`` strictly; errors name the file and the tensors.
+
+    Every parameter must be in the file with its shape, nothing else may be; the file's floating
+    tensors must share one dtype, in which the module is then held (a mixed file is refused rather
+    than cast).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error}); the file is damaged or truncated") from None
+    expected = module.state_dict()
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"{path}: weights do not fit the module: missing {missing}, unexpected {unknown}")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{path}: {name!r} has shape {tuple(tensor.shape)}, the module needs "
+                             f"{tuple(expected[name].shape)}")
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            by_dtype.setdefault(tensor.dtype, []).append(name)
+    if len(by_dtype) > 1:
+        fewest = min(by_dtype.values(), key=len)
+        raise ValueError(
+            f"{path}: weights of several dtypes ({', '.join(f'{d}: {len(n)}' for d, n in by_dtype.items())}; e.g. "
+            f"{sorted(fewest)[:3]}); a saved module holds one dtype, a mixed file is refused rather than cast"
+        )
+    if by_dtype:
+        module.to(dtype=next(iter(by_dtype)))
+    module.load_state_dict(tensors, strict=True)

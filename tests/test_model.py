@@ -178,7 +178,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     fusion = tiny_fusion(dtype=torch.float32, mask="grouped")
     fusion.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["format_version"] == 1 and config["mask"] == "grouped"
+    assert config["format_version"] == 2 and config["mask"] == "grouped"
     assert "attn_impl" not in config and "gradient_checkpointing" not in config  # runtime, not identity
     loaded = QuestionFusion.from_pretrained(tmp_path, attn_impl="eager")
     assert loaded.config == fusion.config
@@ -294,8 +294,7 @@ def test_ask_rejects_foreign_state_and_bad_ids():
         (dict(mask="full"), "mask: expected one of"),
         (dict(attn_impl="cuda"), "attn_impl: expected one of"),
         (dict(hidden_size=0), "hidden_size: expected a positive integer"),
-        (dict(identity_scope="all"), "identity_scope"),
-        (dict(format_version=2), "format_version"),
+        (dict(format_version=3), "format_version"),
     ],
 )
 def test_config_validation(overrides, match):
@@ -309,7 +308,7 @@ def test_config_validation(overrides, match):
         (dict(use_question="no"), "use_question: expected a bool"),
         (dict(output_mlp=1), "output_mlp: expected a bool"),
         (dict(rms_norm_eps="1e-6"), "rms_norm_eps: expected a finite number"),
-        (dict(identity_weight=float("nan")), "identity_weight: expected a finite number"),
+        (dict(initializer_range=float("nan")), "initializer_range: expected a finite number"),
         (dict(rope_theta=float("inf")), "rope_theta: expected a finite number"),
         (dict(m=4.0), "m: expected an integer"),
         (dict(hidden_size=True), "hidden_size: expected an integer"),
@@ -354,3 +353,91 @@ def test_configure_changes_only_settings_that_change_no_weight(tmp_path):
     assert (saved["m"], saved["n"], saved["use_question"]) == (2, 1, False)
     with pytest.raises(ValueError, match=r"\['hidden_size'\] define the weights"):
         fusion.configure(hidden_size=32)
+
+
+# ---------------------------------------------------------------------- strict loading and stale states
+
+
+def saved(tmp_path, **overrides):
+    fusion = tiny_fusion(dtype=torch.float32, **overrides)
+    fusion.save_pretrained(tmp_path)
+    return fusion
+
+
+@pytest.mark.parametrize("key", ["rope_theta", "num_heads", "rms_norm_eps", "mask", "hidden_size"])
+def test_a_config_json_missing_a_key_is_refused_naming_it(tmp_path, key):
+    saved(tmp_path, rope_theta=500.0)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    del data[key]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"config.json: missing FusionConfig fields \['{key}'\]"):
+        QuestionFusion.from_pretrained(tmp_path)
+
+
+def test_a_format_1_config_with_the_old_loss_weights_still_loads(tmp_path):
+    fusion = saved(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(data, format_version=1, identity_weight=0.5, identity_scope="batch")))
+    loaded = QuestionFusion.from_pretrained(tmp_path, attn_impl="eager")
+    assert loaded.config == fusion.config
+    vision, questions = batch(dtype=torch.float32)
+    assert torch.equal(loaded(vision, questions).packed_tokens, fusion(vision, questions).packed_tokens)
+
+
+def test_weights_of_mixed_dtypes_are_refused_not_cast(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    saved(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    tensors["eos"] = tensors["eos"].double()
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"model.safetensors: weights of several dtypes .*\['eos'\]"):
+        QuestionFusion.from_pretrained(tmp_path)
+
+
+def test_a_uniform_bf16_file_loads_in_bf16(tmp_path):
+    fusion = tiny_fusion(dtype=torch.bfloat16)
+    fusion.save_pretrained(tmp_path)
+    loaded = QuestionFusion.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), fusion.state_dict().values()))
+
+
+def test_a_truncated_weights_file_is_named(tmp_path):
+    saved(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file .*truncated"):
+        QuestionFusion.from_pretrained(tmp_path)
+
+
+def test_ask_refuses_a_state_computed_before_the_module_changed():
+    fusion = tiny_fusion()
+    vision, questions = batch()
+    state = fusion.start(vision)
+    first = [sample[0] for sample in questions]
+    fusion.ask(state, first)  # fine while nothing changed
+    with torch.no_grad():
+        fusion.eos.add_(1.0)  # an optimizer step or a load changes the weights in place
+    with pytest.raises(ValueError, match="state: computed before this module's weights"):
+        fusion.ask(state, first)
+    state = fusion.start(vision)
+    fusion.configure(use_question=False)
+    with pytest.raises(ValueError, match="state: computed before"):
+        fusion.ask(state, first)
+    fusion.configure(use_question=True)
+    state = fusion.start(vision)
+    fusion.float()
+    with pytest.raises(ValueError, match="state: computed before"):
+        fusion.ask(state, [q.clone() for q in first])
+
+
+def test_no_question_mode_refuses_an_empty_question_list():
+    fusion = tiny_fusion(use_question=False)
+    vision, _ = batch()
+    with pytest.raises(ValueError, match=r"questions\[1\]: expected at least one question"):
+        fusion(vision, [[None], [], [None]])
+    assert [len(s) for s in fusion(vision, [[None], [None, None], [None]]).tokens] == [1, 2, 1]
