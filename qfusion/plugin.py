@@ -32,7 +32,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from safetensors.torch import load_model, save_model
-from torch import nn
 
 from qfusion.config import CONFIG_NAME, FusionConfig
 from qfusion.model import WEIGHTS_NAME, QuestionFusion

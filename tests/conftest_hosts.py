@@ -7,6 +7,7 @@ loading path), once per test session; each test module loads its own fresh copie
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -327,10 +328,12 @@ class VideoHostProcessor:
 
     @classmethod
     def qwen(cls, directory):
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoImageProcessor, PreTrainedTokenizerFast
 
         images = AutoImageProcessor.from_pretrained(directory)
-        return cls(AutoTokenizer.from_pretrained(directory), images, FramesVideoProcessor(images),
+        # the word-level test tokenizer as saved (AutoTokenizer would map a qwen3_5 checkpoint to its own
+        # tokenizer class, which re-splits the words with Qwen's byte-level rules)
+        return cls(PreTrainedTokenizerFast.from_pretrained(directory), images, FramesVideoProcessor(images),
                    "<|image_pad|>", "<|video_pad|>")
 
     @classmethod
@@ -416,10 +419,92 @@ def build_llava_onevision(directory):
 
 BUILDERS.update({"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl,
                  "llava_onevision": build_llava_onevision})
-QWEN_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_KINDS: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def videos(count: int, frames: int = 4, seed: int = 0, size=(56, 56)) -> list[np.ndarray]:
     """Random RGB uint8 videos (frames, H, W, 3)."""
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (frames, *size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+# ---------------------------------------------------------------------- the 2026 Qwen-VL variants
+
+
+def _qwen3_vision(**extra):
+    return dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, **extra)
+
+
+def _qwen3_5_text(**extra):
+    """A tiny hybrid Qwen3.5 LLM: one gated linear-attention layer, one full-attention layer."""
+    return dict(qwen_text(mrope_interleaved=True), head_dim=16, layer_types=["linear_attention", "full_attention"],
+                linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                linear_conv_kernel_dim=4, **extra)
+
+
+def build_qwen3_vl_moe(directory):
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    text = dict(qwen_text(mrope_interleaved=True), head_dim=16, moe_intermediate_size=32, num_experts=4,
+                num_experts_per_tok=2, decoder_sparse_step=1)
+    config = Qwen3VLMoeConfig(vision_config=_qwen3_vision(deepstack_visual_indexes=[0, 1]), text_config=text,
+                              **QWEN_IDS)
+    torch.manual_seed(0)
+    Qwen3VLMoeForConditionalGeneration(config).save_pretrained(directory)
+    _qwen_processor(directory)
+
+
+def build_qwen3_5(directory):
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    config = Qwen3_5Config(vision_config=_qwen3_vision(), text_config=_qwen3_5_text(), **QWEN_IDS)
+    torch.manual_seed(0)
+    Qwen3_5ForConditionalGeneration(config).save_pretrained(directory)
+    _qwen_processor(directory)
+
+
+def build_qwen3_5_moe(directory):
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    text = _qwen3_5_text(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                         shared_expert_intermediate_size=32)
+    config = Qwen3_5MoeConfig(vision_config=_qwen3_vision(), text_config=text, **QWEN_IDS)
+    torch.manual_seed(0)
+    Qwen3_5MoeForConditionalGeneration(config).save_pretrained(directory)
+    _qwen_processor(directory)
+
+
+BUILDERS.update({"qwen3_vl_moe": build_qwen3_vl_moe, "qwen3_5": build_qwen3_5, "qwen3_5_moe": build_qwen3_5_moe})
+QWEN_KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+
+
+# ---------------------------------------------------------------------- one case per host for the contract tests
+
+
+@dataclass(frozen=True)
+class HostCase:
+    """A tiny host the contract tests run (tests/test_host_contract.py): every registered model type has one.
+
+    kind: the builder (:data:`BUILDERS`); mode: the BLIP mode, or None for the default.
+    video / multi_image: what the family's host takes. positions: "1d" (the LLM's own consecutive
+    positions) or "mrope" (3-D rope positions by the virtual-grid rule).
+    """
+
+    kind: str
+    mode: str | None = None
+    video: bool = False
+    multi_image: bool = True
+    positions: str = "1d"
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.mode is None else f"{self.kind}-{self.mode}"
+
+
+HOST_CASES = [
+    HostCase("llava"), HostCase("llava_next"), HostCase("llava_onevision", video=True),
+    *(HostCase(kind, video=True, positions="mrope") for kind in QWEN_KINDS),
+    HostCase("blip-2", multi_image=False), HostCase("instructblip", mode="augment", multi_image=False),
+]
+"""The hosts of the contract tests, one (at least) per registered model type."""

@@ -2,17 +2,15 @@
 
 import pytest
 import torch
-from conftest_hosts import (IMAGE_TOKEN_ID, VideoHostProcessor, capture_llm_inputs, fusion_config, greedy,  # noqa: F401
-                            hosts, images)
+from conftest_hosts import VideoHostProcessor, fusion_config, images
 from PIL import Image
 from readme_blocks import checked, python_blocks
 from torch import nn
 
 import qfusion
 from qfusion import QFusionProcessor, QuestionFusion
-from qfusion.adapters import FusionCache, get_adapter
+from qfusion.adapters import get_adapter
 from qfusion.adapters.patching import active_module
-from qfusion.inputs import placeholder_runs
 
 DOC_SECTIONS = (("README.md", "Attach to a host"), ("docs/hosts.md", "Wrap a LLaVA checkpoint"),
                 ("docs/hosts.md", "Wrap a Qwen2.5-VL / Qwen3-VL checkpoint"),
@@ -123,17 +121,6 @@ def test_active_module_follows_peft_modules_to_save(hosts):
     assert active_module(adapter.fusion) is adapter.fusion
 
 
-def test_processor_and_adapter_agree_for_every_host(hosts):
-    for kind in ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "blip-2", "instructblip"):
-        model = hosts.model(kind)
-        adapter = qfusion.attach(model, fusion_config(m=3, n=1))
-        processor = QFusionProcessor(hosts.processor(kind), model)
-        batch = processor(images=images(1), questions=[["what is this ?", "red", "blue"]])
-        assert (batch["input_ids"] == IMAGE_TOKEN_ID).sum() == adapter.image_prefix + 3 + 2
-        with torch.no_grad():
-            assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
-
-
 FAMILIES = [("llava", None), ("llava_next", None), ("llava_onevision", None), ("qwen2_vl", None), ("qwen2_5_vl", None), ("qwen3_vl", None), ("blip-2", "replace"),
             ("instructblip", "augment")]
 PROMPTS = [["what is this ?", "how many"], ["red"], ["what color is it ?", "left", "big"]]
@@ -148,78 +135,6 @@ def _attached(hosts, kind, mode, seed=0):
 
 def _sample_images(count):
     return [images(1, seed=10 + i)[0] for i in range(count)]
-
-
-@pytest.mark.parametrize("kind,mode", FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_batched_generate_and_forward_equal_each_prompt_alone_under_both_paddings(hosts, kind, mode):
-    model, processor = _attached(hosts, kind, mode)
-    pictures = _sample_images(len(PROMPTS))
-    alone = [processor(images=[image], questions=[questions]) for image, questions in zip(pictures, PROMPTS)]
-    with torch.no_grad():
-        alone_logits = [model(**inputs).logits[0] for inputs in alone]
-    alone_tokens = [model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-                    for inputs in alone]
-    for side in ("left", "right"):
-        batch = processor(images=pictures, questions=PROMPTS, padding_side=side)
-        with torch.no_grad():
-            logits = model(**batch).logits
-        for b, want in enumerate(alone_logits):
-            real = batch["attention_mask"][b].bool()
-            torch.testing.assert_close(logits[b, real], want, rtol=1e-4, atol=1e-4)
-        if side == "left":
-            together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
-            for b, want in enumerate(alone_tokens):
-                assert torch.equal(together[b, : want.numel()], want)
-        else:
-            with pytest.raises(ValueError, match="right-padded; batched generation needs left padding"):
-                model.generate(**batch, max_new_tokens=4, do_sample=False)
-
-
-@pytest.mark.parametrize("kind,mode", FAMILIES, ids=[f[0] for f in FAMILIES])
-def test_per_call_budget_through_processor_forward_generate_and_cache(hosts, kind, mode):
-    model, default = _attached(hosts, kind, mode)
-    adapter = get_adapter(model)
-    prefix = adapter.image_prefix
-    small = QFusionProcessor(hosts.processor(kind), model, m=2, n=1)
-    picture = _sample_images(1)
-    inputs = small(images=picture, questions=[["what is this ?", "red"]])
-    assert placeholder_runs(inputs["input_ids"][0], IMAGE_TOKEN_ID) == [prefix + 2, 1]
-    records, handle = capture_llm_inputs(model.get_submodule(adapter.llm_name))
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    handle.remove()
-    fused = records[-1][0, inputs["input_ids"][0] == IMAGE_TOKEN_ID][prefix:]
-    assert fused.shape[0] == 3  # m + n fused tokens under this call's budget
-    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert torch.equal(generated, greedy(model, inputs, 3)[:, : generated.shape[1]])
-    cache = FusionCache()
-    with torch.no_grad():
-        cached = model(**inputs, qfusion_cache=cache).logits
-        torch.testing.assert_close(cached, logits, rtol=1e-5, atol=1e-5)
-        full = default(images=picture, questions=[["what is this ?", "red"]])
-        model(**full, qfusion_cache=cache)  # same images and questions, other budget: refilled
-    assert (cache.hits, cache.misses) == (0, 2)
-    assert adapter.budget == (4, 2) and (adapter.fusion.config.m, adapter.fusion.config.n) == (4, 2)
-    with pytest.raises(ValueError, match=r"image placeholder runs .* expected"):
-        model(**dict(inputs, qfusion_budget=(4, 2)))  # placeholders built for (2, 1)
-    with pytest.raises(ValueError, match="qfusion_budget: expected m <= codebook_size=16"):
-        model(**dict(inputs, qfusion_budget=(17, 1)))
-
-
-def test_patched_methods_carry_the_host_signature_plus_the_qfusion_parameters(hosts):
-    import inspect
-
-    from qfusion.adapters.patching import QFUSION_PARAMETERS
-
-    for kind, mode in FAMILIES:
-        model, _ = _attached(hosts, kind, mode)
-        for name in ("forward", "generate"):
-            host = inspect.signature(getattr(type(model), name))
-            patched = inspect.signature(getattr(model, name))
-            host_names = [p for p in host.parameters if p != "self"]
-            assert [p for p in patched.parameters if p not in QFUSION_PARAMETERS] == host_names
-            for p in QFUSION_PARAMETERS:
-                assert patched.parameters[p].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def test_a_host_whose_forward_lacks_the_embedding_seam_is_refused_at_attach(hosts):

@@ -4,15 +4,12 @@ import os
 
 import pytest
 import torch
-from conftest_hosts import IMAGE_TOKEN_ID, capture_llm_inputs, fusion_config, greedy, hosts, images  # noqa: F401
+from conftest_hosts import fusion_config, images
 from safetensors.torch import load_file
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import qfusion
 from qfusion import QFusionProcessor, QuestionFusion
 from qfusion.adapters import FusionCache, get_adapter
-from qfusion.inputs import decode_questions
-from qfusion.inputs import placeholder_runs
 
 KINDS = ["llava", "llava_next"]
 
@@ -35,115 +32,6 @@ def image_positions(model, inputs, records):
     """Per sample, the positions where the LLM input differs from the plain token embeddings."""
     text = model.get_input_embeddings()(inputs["input_ids"])
     return (records[-1] != text).any(-1)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_forward_loss_backward_trains_only_the_plugin(hosts, kind):
-    model, adapter, processor = attached(hosts, kind)
-    batch = processor(images=images(1), conversations=[CONVERSATION], return_labels=True)
-    out = model(**batch)
-    assert out.loss is not None and torch.isfinite(out.loss)
-    out.loss.backward()
-    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert with_grad and all(name.startswith("qfusion.") for name in with_grad)
-    assert not any(p.requires_grad for name, p in model.named_parameters() if not name.startswith("qfusion."))
-    assert model.qfusion.codebook.weight.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_llm_receives_m_plus_g_minus_1_times_n_image_positions(hosts, kind):
-    model, adapter, processor = attached(hosts, kind)
-    batch = processor(images=images(2), questions=[["what is this ?", "how many", "red"], ["what color is it ?"]],
-                      padding_side="left")
-    records, handle = capture_llm_inputs(model.model.language_model)
-    with torch.no_grad():
-        model(**batch)
-    handle.remove()
-    positions = image_positions(model, batch, records)
-    assert positions.sum(-1).tolist() == [adapter.budget[0] + 2 * adapter.budget[1], adapter.budget[0]]
-    assert torch.equal(positions, batch["input_ids"] == IMAGE_TOKEN_ID)
-
-    # the spliced rows are the fusion's tokens for the host's own vision features, in question order
-    kwargs = {"image_sizes": batch["image_sizes"]} if kind == "llava_next" else {}
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True,
-                                                  **kwargs).pooler_output
-        questions = decode_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 2)
-        tokens = adapter.fusion(list(features), questions).tokens
-    for b in range(2):
-        torch.testing.assert_close(records[-1][b][positions[b]], torch.cat(tokens[b]), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_generate_equals_hand_written_greedy_loop(hosts, kind):
-    model, _, processor = attached(hosts, kind)
-    inputs = processor(images=images(1), conversations=[CONVERSATION[:3]])
-    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    reference = greedy(model, inputs, 6)
-    assert torch.equal(generated, reference[:, : generated.shape[1]])
-
-
-def test_batched_left_padding_equals_one_at_a_time(hosts):
-    model, _, processor = attached(hosts)
-    samples = [(images(1, seed=1), ["what is this ?", "how many"]), (images(1, seed=2), ["red"]),
-               (images(1, seed=3), ["what color is it ?", "left", "big"])]
-    batch = processor(images=[s[0][0] for s in samples], questions=[s[1] for s in samples], padding_side="left")
-    together = model.generate(**batch, max_new_tokens=5, do_sample=False)
-    with torch.no_grad():
-        logits = model(**batch).logits[:, -1]
-    width = batch["input_ids"].shape[1]
-    for b, (image, questions) in enumerate(samples):
-        alone = processor(images=image, questions=[questions])
-        generated = model.generate(**alone, max_new_tokens=5, do_sample=False)
-        assert torch.equal(generated[0, alone["input_ids"].shape[1]:], together[b, width:])
-        with torch.no_grad():
-            torch.testing.assert_close(model(**alone).logits[0, -1], logits[b], rtol=1e-4, atol=1e-4)
-
-
-def test_detach_restores_the_host_exactly(hosts):
-    model = hosts.model("llava")
-    host_processor = hosts.processor("llava")
-    host_inputs = host_processor(images=images(1), text=["USER : <image> what is this ? ASSISTANT :"],
-                                 return_tensors="pt")
-    with torch.no_grad():
-        before = model(**host_inputs).logits
-    attributes = dict(model.__dict__)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    keys = list(model.state_dict())
-
-    adapter = qfusion.attach(model, fusion_config(), train_vision_tower=True)
-    inputs = QFusionProcessor(host_processor, model)(images=images(1), questions="what is this ?")
-    model(**inputs).logits.sum().backward()
-    assert "qfusion" in dict(model.named_children())
-    plugin = adapter.fusion
-    assert qfusion.detach(model) is plugin
-    with torch.no_grad():
-        assert torch.equal(model(**host_inputs).logits, before)
-    assert model.__dict__.keys() == attributes.keys()
-    assert all(model.__dict__[k] is v for k, v in attributes.items() if k not in ("_modules", "_parameters"))
-    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
-    assert list(model.state_dict()) == keys
-    assert type(model).forward is model.forward.__func__
-    with pytest.raises(ValueError, match="no qfusion plugin attached"):
-        qfusion.detach(model)
-
-
-def test_mm_encoder_outputs_path_and_attach_give_identical_logits(hosts):
-    model = hosts.model("llava")
-    processor = QFusionProcessor(hosts.processor("llava"), m=4, n=2)
-    torch.manual_seed(0)
-    fusion = QuestionFusion(fusion_config(vision_dim=64, output_dim=64))
-    batch = processor(images=images(2), questions=[["what is this ?", "how many"], "red"], padding_side="left")
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output
-        questions = decode_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 2)
-        tokens = fusion(list(features), questions).tokens
-        precomputed = {"image": BaseModelOutputWithPooling(pooler_output=[torch.cat(t) for t in tokens])}
-        zero_patch = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           mm_encoder_outputs=precomputed).logits
-        qfusion.attach(model, fusion)
-        with_plugin = model(**batch).logits
-    assert torch.equal(zero_patch, with_plugin)
 
 
 def test_save_then_attach_round_trip_is_bit_exact(hosts, tmp_path):
@@ -253,24 +141,6 @@ def test_follow_up_reuses_the_cached_vision_prefix(hosts):
     assert cache.misses == 2
 
 
-def test_fused_tokens_take_the_host_embedding_dtype(hosts):
-    model = hosts.model("llava", dtype=torch.bfloat16)
-    torch.manual_seed(0)
-    adapter = qfusion.attach(model, fusion_config())
-    assert adapter.fusion.dtype == torch.bfloat16
-    processor = QFusionProcessor(hosts.processor("llava"), model)
-    batch = processor(images=images(1), questions="what is this ?")
-    records, handle = capture_llm_inputs(model.model.language_model)
-    with torch.no_grad():
-        model(**batch)
-    handle.remove()
-    assert records[-1].dtype == torch.bfloat16
-    qfusion.detach(model)
-    qfusion.attach(model, QuestionFusion(fusion_config(vision_dim=64, output_dim=64)))  # a float32 plugin
-    with torch.no_grad():
-        assert model(**batch).logits.dtype == torch.bfloat16
-
-
 def test_device_map_auto_host(hosts):
     model = hosts.model("llava", device_map="auto")
     torch.manual_seed(0)
@@ -369,41 +239,3 @@ MULTI_IMAGE = [
     {"role": "assistant", "content": [{"type": "text", "text": "two ."}]},
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is it ?"}]},
 ]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_several_images_each_fused_with_the_questions_about_it(hosts, kind):
-    model, adapter, processor = attached(hosts, kind)
-    m, n = adapter.budget
-    pictures = images(3, seed=5)
-    batch = processor(images=[pictures], conversations=[MULTI_IMAGE])
-    assert batch["qfusion_image_counts"].tolist() == [[2, 0, 1]]
-    assert placeholder_runs(batch["input_ids"][0], IMAGE_TOKEN_ID) == [2 * m, 2 * n, m]
-    records, handle = capture_llm_inputs(model.model.language_model)
-    with torch.no_grad():
-        model(**batch)
-    handle.remove()
-    spliced = records[-1][0][batch["input_ids"][0] == IMAGE_TOKEN_ID]
-    # the rule: images 0 and 1 are about questions 0 and 1 (the follow-up), image 2 about question 2
-    kwargs = {"image_sizes": batch["image_sizes"]} if kind == "llava_next" else {}
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True,
-                                                  **kwargs).pooler_output
-        q = decode_questions(batch["qfusion_input_ids"], batch["qfusion_attention_mask"], 1)[0]
-        per_image = adapter.fusion(list(features), [[q[0], q[1]], [q[0], q[1]], [q[2]]]).tokens
-    want = torch.cat([per_image[0][0], per_image[1][0], per_image[0][1], per_image[1][1], per_image[2][0]])
-    torch.testing.assert_close(spliced, want, rtol=0, atol=0)
-
-    # batched with a one-image conversation: each sample as alone
-    single = CONVERSATION[:3]
-    together = processor(images=[pictures, images(1, seed=9)[0]], conversations=[MULTI_IMAGE, single])
-    out = model.generate(**together, max_new_tokens=4, do_sample=False)[:, together["input_ids"].shape[1]:]
-    for b, (imgs, conversation) in enumerate([(pictures, MULTI_IMAGE), (images(1, seed=9)[0], single)]):
-        alone = processor(images=[imgs], conversations=[conversation])
-        generated = model.generate(**alone, max_new_tokens=4, do_sample=False)[0, alone["input_ids"].shape[1]:]
-        assert torch.equal(out[b, : generated.numel()], generated)
-    with pytest.raises(ValueError, match=r"images\[0\]: expected 3 images"):
-        processor(images=[pictures[:2]], conversations=[MULTI_IMAGE])
-    with pytest.raises(ValueError, match=r"pixel_values: expected 3 \(one per placeholder block"):
-        model(**dict(batch, pixel_values=batch["pixel_values"][:2], **({"image_sizes": batch["image_sizes"][:2]}
-                                                                       if kind == "llava_next" else {})))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest_hosts import IMAGE_TOKEN_ID, fusion_config, hosts, images, tokenizer  # noqa: F401
+from conftest_hosts import IMAGE_TOKEN_ID, fusion_config, images, tokenizer
 
 import qfusion
 from qfusion import QFusionProcessor

@@ -1,5 +1,5 @@
-"""The Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE,
-LLaVA-OneVision-1.5): its record and its position rule.
+"""The Qwen-VL family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE): its record
+and its position rule.
 
 Vision sources: ``merger`` (default) reads the host's ``get_image_features`` /
 ``get_video_features`` — the features after the patch merger, as its LLM receives them (a video:
@@ -101,7 +101,7 @@ def _has_deepstack(adapter) -> bool:
 
 QWEN_VL = register_family(HostFamily(
     name="qwen_vl",
-    model_types=("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+    model_types=("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"),
     sources=(VisionSource("merger", text_width, merger_features,
                           "after the patch merger (the host's get_image_features / get_video_features)"),
              VisionSource("tower", tower_width, tower_features, "the tower's last states, before the patch merger")),
@@ -116,4 +116,4 @@ QWEN_VL = register_family(HostFamily(
     position_rule="M-RoPE: the host's rope index over a 1 × k virtual grid per fused run",
     notes="Qwen3-VL's deepstack features are off for fused tokens",
 ))
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (images and video)."""
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, Qwen3.5 and Qwen3.5-MoE (images and video)."""
