@@ -487,7 +487,11 @@ class QFusionProcessor:
         data.update(self._images(self._per_sample(images, [k.count("image") for k in kinds], "images", "image")))
         data.update(self._videos(self._per_sample(videos, [k.count("video") for k in kinds], "videos", "video")))
         if family is not None and family.processor_inputs is not None:
-            data.update(family.processor_inputs(self.host, kinds, batch_questions, data))
+            for name, value in family.processor_inputs(self.host, kinds, batch_questions, data).items():
+                if value is None:
+                    data.pop(name, None)
+                else:
+                    data[name] = value
         data["qfusion_input_ids"], data["qfusion_attention_mask"] = self._question_ids(batch_questions)
         data["qfusion_budget"] = tuple(budget)  # a plain pair: BatchFeature.to() rebuilds tuples by type
         data["qfusion_image_counts"] = encode_image_counts(image_counts, data["qfusion_input_ids"].shape[1])

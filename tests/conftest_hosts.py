@@ -508,3 +508,59 @@ HOST_CASES = [
     HostCase("blip-2", multi_image=False), HostCase("instructblip", mode="augment", multi_image=False),
 ]
 """The hosts of the contract tests, one (at least) per registered model type."""
+
+
+# ---------------------------------------------------------------------- Gemma 3
+
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "[UNK]", "<image_soft_token>", "<start_of_image>", "<end_of_image>",
+                  "<start_of_turn>", "<end_of_turn>", "user", "model"]
+GEMMA_BOI_ID, GEMMA_EOI_ID = 5, 6
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join(' ') %}{% endif %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n{{ text }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def gemma_tokenizer():
+    """A word-level fast tokenizer with Gemma's image and turn tokens (<image_soft_token> at id 4)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = GEMMA_SPECIALS + list(WORDS[7:])
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="[UNK]",
+        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                              "eoi_token": "<end_of_image>"},
+    )
+    tok.chat_template = GEMMA_CHAT_TEMPLATE
+    assert tok.convert_tokens_to_ids("<image_soft_token>") == IMAGE_TOKEN_ID
+    return tok
+
+
+def build_gemma3(directory):
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor,
+                              SiglipVisionConfig)
+
+    vision = SiglipVisionConfig(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=2, eos_token_id=1,
+                pad_token_id=0, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    config = Gemma3Config(vision_config=vision.to_dict(), text_config=text, mm_tokens_per_image=4,
+                          image_token_index=IMAGE_TOKEN_ID, boi_token_index=GEMMA_BOI_ID, eoi_token_index=GEMMA_EOI_ID)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(directory)
+    Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 56, "width": 56}),
+                    tokenizer=gemma_tokenizer(), chat_template=GEMMA_CHAT_TEMPLATE,
+                    image_seq_length=4).save_pretrained(directory)
+
+
+BUILDERS["gemma3"] = build_gemma3
+HOST_CASES.append(HostCase("gemma3"))

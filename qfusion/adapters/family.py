@@ -119,7 +119,9 @@ class HostFamily:
     outputs(adapter, blocks, tokens, host): the ``mm_encoder_outputs`` of a call from the fused tokens.
     prepare(adapter, args, blocks): the host arguments after the fused tokens are in (positions).
     generate(adapter, args): a generate that replaces the host's (its own re-reads the pixels).
-    processor_inputs(host_processor, kinds, questions, data): extra processor outputs the host needs.
+    processor_inputs(host_processor, kinds, questions, data): the processor outputs to add or replace
+        (None: to drop) for this host — inputs it needs beside the pixels, or image-processor outputs
+        it does not take.
     """
 
     name: str
