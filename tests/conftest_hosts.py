@@ -359,11 +359,11 @@ class StackedFramesProcessor:
         return {"pixel_values_videos": torch.stack(clips)}
 
 
-def _qwen_processor(directory):
+def _qwen_processor(directory, temporal_patch_size=2):
     from transformers import Qwen2VLImageProcessorPil
 
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56 * 4, patch_size=14, merge_size=2,
-                             temporal_patch_size=2).save_pretrained(directory)
+                             temporal_patch_size=temporal_patch_size).save_pretrained(directory)
     qwen_tokenizer().save_pretrained(directory)
 
 
@@ -488,7 +488,8 @@ class HostCase:
 
     kind: the builder (:data:`BUILDERS`); mode: the BLIP mode, or None for the default.
     video / multi_image: what the family's host takes. positions: "1d" (the LLM's own consecutive
-    positions) or "mrope" (3-D rope positions by the virtual-grid rule).
+    positions) or "mrope" (3-D rope positions by the virtual-grid rule). min_transformers: the
+    family's floor, where above qfusion's (its cases are skipped below it).
     """
 
     kind: str
@@ -496,6 +497,15 @@ class HostCase:
     video: bool = False
     multi_image: bool = True
     positions: str = "1d"
+    min_transformers: str | None = None
+
+    @property
+    def available(self) -> bool:
+        """Whether the installed transformers has this host's classes."""
+        import transformers
+        from packaging.version import Version
+
+        return self.min_transformers is None or Version(transformers.__version__) >= Version(self.min_transformers)
 
     @property
     def name(self) -> str:
@@ -564,3 +574,25 @@ def build_gemma3(directory):
 
 BUILDERS["gemma3"] = build_gemma3
 HOST_CASES.append(HostCase("gemma3"))
+
+
+# ---------------------------------------------------------------------- LLaVA-OneVision-1.5
+
+
+def build_llava_onevision1_5(directory):
+    from transformers import LlavaOnevision15Config, LlavaOnevision15ForConditionalGeneration
+
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, bos_token_id=2, eos_token_id=3,
+                pad_token_id=0)
+    config = LlavaOnevision15Config(vision_config=vision, text_config=text, **QWEN_IDS)
+    torch.manual_seed(0)
+    LlavaOnevision15ForConditionalGeneration(config).save_pretrained(directory)
+    _qwen_processor(directory, temporal_patch_size=1)  # its tower patches one frame at a time
+
+
+BUILDERS["llava_onevision1_5"] = build_llava_onevision1_5
+QWEN_KINDS += ("llava_onevision1_5",)  # the Qwen processor (tokenizer, image processor, frames)
+HOST_CASES.append(HostCase("llava_onevision1_5", video=True, min_transformers="5.25"))

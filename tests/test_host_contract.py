@@ -17,6 +17,14 @@ from qfusion.adapters.patching import QFUSION_PARAMETERS
 from qfusion.inputs import decode_questions, placeholder_runs
 
 CASES = {case.name: case for case in HOST_CASES}
+
+
+def _params(names):
+    return [pytest.param(name, marks=pytest.mark.skipif(not CASES[name].available,
+                                                        reason=f"needs transformers>={CASES[name].min_transformers}"))
+            for name in names]
+
+
 CONVERSATION = [
     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]},
     {"role": "assistant", "content": [{"type": "text", "text": "a cat ."}]},
@@ -24,7 +32,7 @@ CONVERSATION = [
     {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
 ]
 PROMPTS = [["what is this ?", "how many"], ["red"], ["what color is it ?", "left", "big"]]
-each_host = pytest.mark.parametrize("name", list(CASES))
+each_host = pytest.mark.parametrize("name", _params(CASES))
 
 
 def attached(hosts, name, seed=0, **kwargs):
@@ -298,7 +306,7 @@ def test_a_call_budget_reaches_the_processor_forward_generate_and_cache(hosts, n
         model(**inputs, qfusion_bugdet=(2, 1))
 
 
-@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.video])
+@pytest.mark.parametrize("name", _params([name for name, case in CASES.items() if case.video]))
 def test_video_prompts_batch_and_follow_up_like_image_prompts(hosts, name):
     model, adapter, processor = attached(hosts, name)
     clips = videos(2, seed=3)
@@ -323,7 +331,7 @@ def test_video_prompts_batch_and_follow_up_like_image_prompts(hosts, name):
                                atol=1e-4)
 
 
-@pytest.mark.parametrize("name", [name for name, case in CASES.items() if case.multi_image])
+@pytest.mark.parametrize("name", _params([name for name, case in CASES.items() if case.multi_image]))
 def test_several_images_in_one_prompt_each_get_their_fused_tokens(hosts, name):
     model, adapter, processor = attached(hosts, name)
     conversation = [

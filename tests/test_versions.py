@@ -121,3 +121,18 @@ def test_floor_constraints_pin_the_pyproject_lower_bounds():
             assert pin.operator == "==", f"constraints/floor.txt: expected name==version, got {line!r}"
             pins[canonicalize_name(requirement.name)] = Version(pin.version)
     assert pins == pyproject_floors()
+
+
+def test_a_family_newer_than_the_installed_transformers_is_refused_naming_both_versions(hosts, monkeypatch):
+    import dataclasses
+
+    import transformers
+
+    from qfusion.adapters import MODEL_TYPES
+
+    monkeypatch.setitem(MODEL_TYPES, "llava", dataclasses.replace(MODEL_TYPES["llava"], min_transformers="99.0"))
+    model = hosts.model("llava")
+    expected = f"the 'llava' host family needs transformers>=99.0, found transformers {transformers.__version__}"
+    with pytest.raises(ImportError, match=re.escape(expected)):
+        qfusion.attach(model, fusion_config())
+    assert "qfusion" not in model._modules and "forward" not in vars(model)
