@@ -17,6 +17,7 @@ inputs it needs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any
 
@@ -77,6 +78,18 @@ def _adapter_of(model):
     from qfusion.adapters.adapter import get_adapter
 
     return get_adapter(model)
+
+
+def _processor_markers(host_processor, tokenizer, names: tuple[str, str]) -> dict[str, int]:
+    """The ids of the marker tokens a host processor names in its attributes ``names``."""
+    ids = {}
+    for role, name in zip(("start", "end"), names):
+        token = getattr(host_processor, name, None)
+        token_id = None if token is None else tokenizer.convert_tokens_to_ids(str(getattr(token, "content", token)))
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"host_processor: has no {name} marker token its host family writes around fused runs")
+        ids[role] = token_id
+    return ids
 
 
 def _processor_tokens(host_processor, tokenizer) -> HostTokens:
@@ -166,6 +179,9 @@ class QFusionProcessor:
         self.codebook_size = codebook
         self.family = family
         self.tokens = tokens if tokens is not None else _processor_tokens(host_processor, tokenizer)
+        if family is not None and family.processor_markers is not None:
+            self.tokens = dataclasses.replace(self.tokens, **_processor_markers(host_processor, tokenizer,
+                                                                                family.processor_markers))
         self.image_token, self.video_token, self.vision_wrap = self._token_strings()
         self.image_token_id, self.video_token_id = self.tokens.image, self.tokens.video
         self.image_prefix = 0 if image_prefix is None else image_prefix

@@ -198,6 +198,8 @@ class Hosts:
             return VideoHostProcessor.qwen(self.directory(kind))
         if kind == "llava_onevision":
             return VideoHostProcessor.onevision(self.directory(kind))
+        if kind in STAND_IN_PROCESSORS:
+            return STAND_IN_PROCESSORS[kind](self.directory(kind))
         return AutoProcessor.from_pretrained(self.directory(kind))
 
 
@@ -596,3 +598,61 @@ def build_llava_onevision1_5(directory):
 BUILDERS["llava_onevision1_5"] = build_llava_onevision1_5
 QWEN_KINDS += ("llava_onevision1_5",)  # the Qwen processor (tokenizer, image processor, frames)
 HOST_CASES.append(HostCase("llava_onevision1_5", video=True, min_transformers="5.25"))
+
+
+# ---------------------------------------------------------------------- InternVL
+
+INTERNVL_SPECIALS = ["<|endoftext|>", "[UNK]", "<|im_start|>", "<|im_end|>", "<IMG_CONTEXT>", "<img>", "</img>",
+                     "<video>", "user", "assistant", "system"]
+
+
+def internvl_tokenizer():
+    """A word-level fast tokenizer with InternVL's image tokens (<IMG_CONTEXT> at id 4, <img>, </img>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = INTERNVL_SPECIALS + list(WORDS[7:])
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]",
+        extra_special_tokens={"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
+                              "end_image_token": "</img>", "video_token": "<video>"},
+    )
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == IMAGE_TOKEN_ID
+    return tok
+
+
+def build_internvl(directory):
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    vision = dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4)
+    text = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=2,
+                eos_token_id=3, pad_token_id=0)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID)
+    torch.manual_seed(0)
+    InternVLForConditionalGeneration(config).save_pretrained(directory)
+    GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1,
+                             max_patches=2).save_pretrained(directory)  # an image: up to 2 tiles + a thumbnail
+    internvl_tokenizer().save_pretrained(directory)
+
+
+def internvl_processor(directory):
+    """Stands in for ``InternVLProcessor`` (whose video processor needs torchvision): its tokenizer, image
+    processor, chat template and image tokens (``<IMG_CONTEXT>``, with ``<img>`` / ``</img>`` around)."""
+    from transformers import AutoImageProcessor, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    processor = VideoHostProcessor(tokenizer, AutoImageProcessor.from_pretrained(directory), None, "<IMG_CONTEXT>",
+                                   None)
+    processor.start_image_token, processor.end_image_token = "<img>", "</img>"
+    return processor
+
+
+BUILDERS["internvl"] = build_internvl
+STAND_IN_PROCESSORS = {"internvl": internvl_processor}
+HOST_CASES.append(HostCase("internvl"))

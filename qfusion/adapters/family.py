@@ -100,6 +100,8 @@ class HostFamily:
         no video attribute: the host takes no video).
     markers: config attributes of the (start, end) tokens the processor writes around every
         placeholder run, or None.
+    processor_markers: where the host's config has no ids for them, the host processor's attributes
+        holding the (start, end) marker tokens.
     token_types: the host input holding token types (1 image, 2 video placeholders), or None.
     drop_inputs: host inputs that describe the real visual inputs and leave the call with them.
     stacked: the visual kinds whose ``mm_encoder_outputs`` the host reads as one tensor (its rows
@@ -134,6 +136,7 @@ class HostFamily:
     image_token: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token: tuple[str, ...] = ()
     markers: tuple[str, str] | None = None
+    processor_markers: tuple[str, str] | None = None
     token_types: str | None = None
     drop_inputs: tuple[str, ...] = ()
     stacked: tuple[str, ...] = ()
@@ -162,8 +165,12 @@ class HostFamily:
             raise TypeError(f"sources: expected VisionSource records, got {self.sources!r}")
         if len({s.name for s in self.sources}) != len(self.sources):
             raise ValueError(f"sources: names must differ, got {[s.name for s in self.sources]}")
-        if self.markers is not None and len(self.markers) != 2:
-            raise ValueError(f"markers: expected (start, end) config attributes, got {self.markers!r}")
+        for name in ("markers", "processor_markers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, tuple) or len(value) != 2):
+                raise ValueError(f"{name}: expected (start, end) attribute names, got {value!r}")
+        if self.markers is not None and self.processor_markers is not None:
+            raise ValueError("markers, processor_markers: name the markers one way")
         unknown = [m for m in self.modes if m not in ("replace", "augment")]
         if not self.modes or unknown:
             raise ValueError(f"modes: expected 'replace' and/or 'augment', got {self.modes!r}")
