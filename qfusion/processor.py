@@ -364,6 +364,8 @@ class QFusionProcessor:
         if not images:
             return {}
         if self.hd_grid is None:
+            if self.family is not None and self.family.image_inputs is not None:
+                return dict(self.family.image_inputs(self.host.image_processor, list(images)))
             return dict(self.host.image_processor(list(images), return_tensors="pt"))
         processor = self.host.image_processor
         crop = getattr(processor, "crop_size", None) or processor.size

@@ -656,3 +656,68 @@ def internvl_processor(directory):
 BUILDERS["internvl"] = build_internvl
 STAND_IN_PROCESSORS = {"internvl": internvl_processor}
 HOST_CASES.append(HostCase("internvl"))
+
+
+# ---------------------------------------------------------------------- Idefics3 / SmolVLM
+
+IDEFICS_SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>", "<image>", "<fake_token_around_image>", "<global-img>",
+                    "<end_of_utterance>"] + [f"<row_{r}_col_{c}>" for r in (1, 2) for c in (1, 2)]
+
+
+def idefics_tokenizer():
+    """A word-level fast tokenizer with Idefics3's image tokens (<image> at id 4, the markers, row/column tags)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = IDEFICS_SPECIALS + list(WORDS[5:])
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]",
+        extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+                              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    assert tok.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
+    return tok
+
+
+def _build_idefics(directory, kind):
+    import transformers
+
+    vision = dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4)
+    text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=2,
+                eos_token_id=3, pad_token_id=0)
+    prefix = "SmolVLM" if kind == "smolvlm" else "Idefics3"
+    config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text,
+                                                      image_token_id=IMAGE_TOKEN_ID, scale_factor=2)
+    # an image: split into up to 2 x 2 crops of 56 px plus the whole image (4 tokens each)
+    images = getattr(transformers, f"{prefix}ImageProcessorPil")(size={"longest_edge": 112},
+                                                                   max_image_size={"longest_edge": 56})
+    torch.manual_seed(0)
+    getattr(transformers, f"{prefix}ForConditionalGeneration")(config).save_pretrained(directory)
+    images.save_pretrained(directory)
+    idefics_tokenizer().save_pretrained(directory)
+    if kind == "idefics3":
+        transformers.Idefics3Processor(image_processor=images, tokenizer=idefics_tokenizer(), image_seq_len=4,
+                                       chat_template=CHAT_TEMPLATE).save_pretrained(directory)
+
+
+def smolvlm_processor(directory):
+    """Stands in for ``SmolVLMProcessor`` (whose video processor needs torchvision): tokenizer, image
+    processor, chat template and image tokens (``<image>``, with ``<fake_token_around_image>`` around)."""
+    from transformers import AutoImageProcessor, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    processor = VideoHostProcessor(tokenizer, AutoImageProcessor.from_pretrained(directory), None, "<image>", None)
+    processor.fake_image_token = "<fake_token_around_image>"
+    return processor
+
+
+BUILDERS.update({"idefics3": lambda directory: _build_idefics(directory, "idefics3"),
+                 "smolvlm": lambda directory: _build_idefics(directory, "smolvlm")})
+STAND_IN_PROCESSORS["smolvlm"] = smolvlm_processor
+HOST_CASES += [HostCase("idefics3"), HostCase("smolvlm")]

@@ -121,6 +121,8 @@ class HostFamily:
     outputs(adapter, blocks, tokens, host): the ``mm_encoder_outputs`` of a call from the fused tokens.
     prepare(adapter, args, blocks): the host arguments after the fused tokens are in (positions).
     generate(adapter, args): a generate that replaces the host's (its own re-reads the pixels).
+    image_inputs(image_processor, images): the host image processor's outputs for the batch's images in
+        prompt order, one visual input each (default: the processor called on the list).
     processor_inputs(host_processor, kinds, questions, data): the processor outputs to add or replace
         (None: to drop) for this host — inputs it needs beside the pixels, or image-processor outputs
         it does not take.
@@ -152,6 +154,7 @@ class HostFamily:
     outputs: Callable | None = None
     prepare: Callable | None = None
     generate: Callable | None = None
+    image_inputs: Callable | None = None
     processor_inputs: Callable | None = None
 
     def __post_init__(self) -> None:
