@@ -84,6 +84,8 @@ def _processor_markers(host_processor, tokenizer, names: tuple[str, str]) -> dic
     """The ids of the marker tokens a host processor names in its attributes ``names``."""
     ids = {}
     for role, name in zip(("start", "end"), names):
+        if name is None:
+            continue
         token = getattr(host_processor, name, None)
         token_id = None if token is None else tokenizer.convert_tokens_to_ids(str(getattr(token, "content", token)))
         if token_id is None or token_id == tokenizer.unk_token_id:
@@ -206,8 +208,9 @@ class QFusionProcessor:
         tokens = self.tokens
         video = None if tokens.video is None else token(tokens.video, "video placeholder")
         markers = None
-        if tokens.start is not None:
-            markers = token(tokens.start, "vision start marker"), token(tokens.end, "vision end marker")
+        if tokens.start is not None or tokens.end is not None:
+            markers = tuple("" if marker is None else token(marker, f"vision {role} marker")
+                            for marker, role in ((tokens.start, "start"), (tokens.end, "end")))
         return token(tokens.image, "image placeholder"), video, markers
 
     # ------------------------------------------------------------------ layout

@@ -721,3 +721,68 @@ BUILDERS.update({"idefics3": lambda directory: _build_idefics(directory, "idefic
                  "smolvlm": lambda directory: _build_idefics(directory, "smolvlm")})
 STAND_IN_PROCESSORS["smolvlm"] = smolvlm_processor
 HOST_CASES += [HostCase("idefics3"), HostCase("smolvlm")]
+
+
+# ---------------------------------------------------------------------- Mistral 3
+
+MISTRAL_SPECIALS = ["<pad>", "[UNK]", "<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]"]
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join(' ') %}{% endif %}"
+    "{% if message['role'] == 'user' %}[INST] {{ text }} [/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def mistral_tokenizer():
+    """A word-level fast tokenizer with Pixtral's image tokens ([IMG] at id 4, [IMG_BREAK], [IMG_END])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = MISTRAL_SPECIALS + list(WORDS[7:])
+    words += [f"w{i}" for i in range(VOCAB - len(words))]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="[UNK]",
+        extra_special_tokens={"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+                              "image_end_token": "[IMG_END]", "inst_token": "[INST]", "end_inst_token": "[/INST]"},
+    )
+    tok.chat_template = MISTRAL_CHAT_TEMPLATE
+    assert tok.convert_tokens_to_ids("[IMG]") == IMAGE_TOKEN_ID
+    return tok
+
+
+def build_mistral3(directory):
+    from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessorPil,
+                              PixtralVisionConfig)
+
+    vision = PixtralVisionConfig(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, head_dim=8)
+    text = dict(model_type="mistral", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    config = Mistral3Config(vision_config=vision.to_dict(), text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                            spatial_merge_size=2, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    Mistral3ForConditionalGeneration(config).save_pretrained(directory)
+    PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size=14).save_pretrained(directory)
+    mistral_tokenizer().save_pretrained(directory)
+
+
+def mistral3_processor(directory):
+    """Stands in for ``PixtralProcessor`` (which needs torchvision): tokenizer, image processor, chat template
+    and Pixtral's image tokens ([IMG], [IMG_BREAK], [IMG_END])."""
+    from transformers import AutoImageProcessor, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    processor = VideoHostProcessor(tokenizer, AutoImageProcessor.from_pretrained(directory), None, "[IMG]", None)
+    processor.image_break_token, processor.image_end_token = "[IMG_BREAK]", "[IMG_END]"
+    return processor
+
+
+BUILDERS["mistral3"] = build_mistral3
+STAND_IN_PROCESSORS["mistral3"] = mistral3_processor
+HOST_CASES.append(HostCase("mistral3"))

@@ -350,5 +350,5 @@ def test_several_images_in_one_prompt_each_get_their_fused_tokens(hosts, name):
         # images 0 and 1 are about question 0 only; image 2 about question 1
         wanted = torch.cat([*(adapter.fusion([f], [questions[:1]]).tokens[0][0] for f in features[:2]),
                             adapter.fusion([features[2]], [questions[1:]]).tokens[0][0]])
-    mask = placeholder_mask(adapter, batch["input_ids"])
-    torch.testing.assert_close(records[-1][0][mask[0]], wanted, rtol=0, atol=0)
+    mask = placeholder_mask(adapter, batch["input_ids"])  # (fused in one batch there, one by one here)
+    torch.testing.assert_close(records[-1][0][mask[0]], wanted, rtol=1e-5, atol=1e-6)

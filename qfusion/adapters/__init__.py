@@ -21,7 +21,8 @@ import os
 from torch import nn
 
 from qfusion._versions import check_host_versions, check_minimum
-from qfusion.adapters import blip2, gemma, idefics, internvl, llava, llava_onevision15, qwen_vl  # noqa: F401  (registers the families)
+from qfusion.adapters import (blip2, gemma, idefics, internvl, llava, llava_onevision15, mistral,  # noqa: F401
+                              qwen_vl)  # (registers the families)
 from qfusion.adapters.adapter import FUSION_MODULE, HD_MODULE, HostAdapter, get_adapter, host_features, seam_outputs
 from qfusion.adapters.cache import FusionCache
 from qfusion.adapters.family import (FAMILIES, MODEL_TYPES, UNSUPPORTED, HostFamily, HostTokens, VisionSource,

@@ -178,7 +178,7 @@ class HostAdapter:
         for b, sample in enumerate(questions):
             counts = None if image_counts is None else image_counts[b]
             blocks = visual_blocks(input_ids[b], self.placeholder_ids, len(sample), budget, self.image_prefix, counts)
-            if self.tokens.start is not None:
+            if self.tokens.start is not None or self.tokens.end is not None:
                 found = placeholder_runs(input_ids[b], self.placeholder_ids)
                 if found != [length for _, _, length in blocks]:
                     raise ValueError(

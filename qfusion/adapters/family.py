@@ -99,9 +99,9 @@ class HostFamily:
     image_token, video_token: config attributes holding the placeholder ids (the first present wins;
         no video attribute: the host takes no video).
     markers: config attributes of the (start, end) tokens the processor writes around every
-        placeholder run, or None.
+        placeholder run (None for a side without a marker), or None.
     processor_markers: where the host's config has no ids for them, the host processor's attributes
-        holding the (start, end) marker tokens.
+        holding the (start, end) marker tokens (None for a side without a marker).
     token_types: the host input holding token types (1 image, 2 video placeholders), or None.
     drop_inputs: host inputs that describe the real visual inputs and leave the call with them.
     stacked: the visual kinds whose ``mm_encoder_outputs`` the host reads as one tensor (its rows
@@ -170,8 +170,8 @@ class HostFamily:
             raise ValueError(f"sources: names must differ, got {[s.name for s in self.sources]}")
         for name in ("markers", "processor_markers"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, tuple) or len(value) != 2):
-                raise ValueError(f"{name}: expected (start, end) attribute names, got {value!r}")
+            if value is not None and (not isinstance(value, tuple) or len(value) != 2 or value == (None, None)):
+                raise ValueError(f"{name}: expected (start, end) attribute names (one may be None), got {value!r}")
         if self.markers is not None and self.processor_markers is not None:
             raise ValueError("markers, processor_markers: name the markers one way")
         unknown = [m for m in self.modes if m not in ("replace", "augment")]
@@ -201,8 +201,8 @@ class HostFamily:
         video = _first_attribute(config, self.video_token) if self.video_token else None
         start = end = None
         if self.markers is not None:
-            start, end = (_first_attribute(config, (name,)) for name in self.markers)
-            if start is None or end is None:
+            start, end = (None if name is None else _first_attribute(config, (name,)) for name in self.markers)
+            if any(name is not None and value is None for name, value in zip(self.markers, (start, end))):
                 raise ValueError(f"model.config: expected the marker token ids {list(self.markers)}")
         return HostTokens(int(image), None if video is None else int(video), start, end)
 
