@@ -22,7 +22,7 @@ from lmms_eval.api.model import lmms
 import qfusion
 from qfusion import QFusionProcessor
 from qfusion.adapters import FusionCache
-from qfusion.processor import PROCESSOR_CONFIG_NAME
+from qfusion.plugin import PROCESSOR_CONFIG_NAME
 
 
 def _host_class(model_type: str):
