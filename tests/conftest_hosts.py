@@ -180,6 +180,9 @@ class Hosts:
 
     def model(self, kind: str, **kwargs):
         from transformers import AutoConfig, AutoModelForImageTextToText
+        from user_family import register
+
+        register()  # the user-registered family's host is attachable like the built-in ones
 
         directory = self.directory(kind)
         config = AutoConfig.from_pretrained(directory)
@@ -491,7 +494,8 @@ class HostCase:
     kind: the builder (:data:`BUILDERS`); mode: the BLIP mode, or None for the default.
     video / multi_image: what the family's host takes. positions: "1d" (the LLM's own consecutive
     positions) or "mrope" (3-D rope positions by the virtual-grid rule). min_transformers: the
-    family's floor, where above qfusion's (its cases are skipped below it).
+    family's floor, where above qfusion's (its cases are skipped below it). user_family: the family
+    is not qfusion's own: tests/user_family.py registers it, as a user would.
     """
 
     kind: str
@@ -500,6 +504,7 @@ class HostCase:
     multi_image: bool = True
     positions: str = "1d"
     min_transformers: str | None = None
+    user_family: bool = False
 
     @property
     def available(self) -> bool:
@@ -786,3 +791,22 @@ def mistral3_processor(directory):
 BUILDERS["mistral3"] = build_mistral3
 STAND_IN_PROCESSORS["mistral3"] = mistral3_processor
 HOST_CASES.append(HostCase("mistral3"))
+
+
+# ---------------------------------------------------------------------- a family registered from user code
+
+
+def build_vipllava(directory):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    config = VipLlavaConfig(vision_config=clip_vision(), text_config=llama(), image_token_id=IMAGE_TOKEN_ID,
+                            vision_feature_layers=[-2, -1])
+    torch.manual_seed(0)
+    VipLlavaForConditionalGeneration(config).save_pretrained(directory)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer(), patch_size=14, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE).save_pretrained(directory)
+
+
+BUILDERS["vipllava"] = build_vipllava
+HOST_CASES.append(HostCase("vipllava", user_family=True))
