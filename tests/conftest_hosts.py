@@ -810,3 +810,39 @@ def build_vipllava(directory):
 
 BUILDERS["vipllava"] = build_vipllava
 HOST_CASES.append(HostCase("vipllava", user_family=True))
+
+
+# ---------------------------------------------------------------------- Gemma 4
+
+
+def build_gemma4(directory):
+    from transformers import (Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessorPil,
+                              Gemma4VisionConfig)
+
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=4, head_dim=8, patch_size=14, pooling_kernel_size=2,
+                                position_embedding_size=64)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=16, max_position_embeddings=256, bos_token_id=2,
+                eos_token_id=1, pad_token_id=0, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8, use_bidirectional_attention="vision")
+    config = Gemma4Config(text_config=text, vision_config=vision.to_dict(), image_token_id=IMAGE_TOKEN_ID,
+                          boi_token_id=GEMMA_BOI_ID, eoi_token_id=GEMMA_EOI_ID, video_token_id=VOCAB - 1)
+    torch.manual_seed(0)
+    Gemma4ForConditionalGeneration(config).save_pretrained(directory)
+    Gemma4ImageProcessorPil(patch_size=14, max_soft_tokens=70, pooling_kernel_size=2).save_pretrained(directory)
+    gemma_tokenizer().save_pretrained(directory)
+
+
+def gemma4_processor(directory):
+    """Stands in for ``Gemma4Processor`` (whose video processor needs torchvision): tokenizer, image
+    processor, chat template and image token (``<image_soft_token>``; the markers are the config's)."""
+    from transformers import AutoImageProcessor, PreTrainedTokenizerFast
+
+    return VideoHostProcessor(PreTrainedTokenizerFast.from_pretrained(directory),
+                              AutoImageProcessor.from_pretrained(directory), None, "<image_soft_token>", None)
+
+
+BUILDERS["gemma4"] = build_gemma4
+STAND_IN_PROCESSORS["gemma4"] = gemma4_processor
+HOST_CASES.append(HostCase("gemma4"))

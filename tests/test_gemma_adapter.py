@@ -1,5 +1,5 @@
-"""qfusion.adapters.gemma on a tiny random Gemma 3 checkpoint: what is specific to the family (the
-contract every host keeps is in test_host_contract.py)."""
+"""qfusion.adapters.gemma on tiny random Gemma 3 and Gemma 4 checkpoints: what is specific to the family
+(the contract every host keeps is in test_host_contract.py)."""
 
 import pytest
 import torch
@@ -10,11 +10,11 @@ from qfusion import QFusionProcessor
 from qfusion.inputs import placeholder_runs
 
 
-def attached(hosts):
-    model = hosts.model("gemma3")
+def attached(hosts, kind="gemma3"):
+    model = hosts.model(kind)
     torch.manual_seed(0)
-    qfusion.attach(model, fusion_config())
-    return model, QFusionProcessor(hosts.processor("gemma3"), model)
+    adapter = qfusion.attach(model, fusion_config())
+    return model, QFusionProcessor(hosts.processor(kind), model), adapter
 
 
 def llm_states(model, batch, perturb: int | None = None):
@@ -38,12 +38,13 @@ def llm_states(model, batch, perturb: int | None = None):
     return states[-1][0]
 
 
-def test_each_fused_run_is_a_bidirectional_block_between_the_image_markers(hosts):
-    model, processor = attached(hosts)
+@pytest.mark.parametrize("kind", ["gemma3", "gemma4"])
+def test_each_fused_run_is_a_bidirectional_block_between_the_image_markers(hosts, kind):
+    model, processor, adapter = attached(hosts, kind)
     batch = processor(images=images(1), questions=[["what is this ?", "red"]])
     ids = batch["input_ids"][0]
     assert placeholder_runs(ids, IMAGE_TOKEN_ID) == [4, 2]
-    assert torch.equal(batch["token_type_ids"][0], (ids == IMAGE_TOKEN_ID).int())
+    assert torch.equal(batch[adapter.family.token_types][0], (ids == IMAGE_TOKEN_ID).int())
     runs = (ids == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
     first, second = runs[:4], runs[4:]
     assert ids[first[0] - 1] == GEMMA_BOI_ID and ids[first[-1] + 1] == GEMMA_EOI_ID
@@ -57,7 +58,7 @@ def test_each_fused_run_is_a_bidirectional_block_between_the_image_markers(hosts
 
 
 def test_pan_and_scan_crops_are_refused(hosts):
-    model, processor = attached(hosts)
+    model, processor, _ = attached(hosts)
     processor.host.image_processor.do_pan_and_scan = True
     processor.host.image_processor.pan_and_scan_min_crop_size = 8
     processor.host.image_processor.pan_and_scan_min_ratio_to_activate = 1.0

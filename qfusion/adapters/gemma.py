@@ -1,7 +1,8 @@
-"""The Gemma family (Gemma 3): its record.
+"""The Gemma families (Gemma 3, Gemma 4): their records.
 
-Vision source ``projector``: the host's own ``get_image_features`` — the SigLIP tower's states
-pooled to ``mm_tokens_per_image`` and projected to the LLM's width. Every placeholder run stands
+Vision source ``projector``: the host's own ``get_image_features`` — Gemma 3: the SigLIP tower's
+states pooled to ``mm_tokens_per_image`` and projected to the LLM's width; Gemma 4: its tower at the
+image's own aspect (``image_position_ids``), pooled and embedded. Every placeholder run stands
 between ``<start_of_image>`` and ``<end_of_image>``.
 
 Attention over fused tokens: Gemma 3's LLM lets the tokens of one image attend to each other in
@@ -10,7 +11,8 @@ everything before. The rule here: **the same for fused tokens** — the processo
 run as image tokens, so each run of m (or n) fused tokens is one bidirectional block, exactly where
 the host's own image block would have stood; runs of different questions or images are separate
 blocks and see each other causally. A fused token is the image's stand-in, so it gets the image's
-attention.
+attention. Gemma 4 reads the same blocks from ``mm_token_type_ids`` (where its config turns
+bidirectional vision attention on).
 """
 
 from __future__ import annotations
@@ -44,3 +46,24 @@ GEMMA = register_family(HostFamily(
     notes="fused runs attend bidirectionally within themselves, as the host's image tokens do; no pan-and-scan",
 ))
 """Gemma 3 (images)."""
+
+
+def gemma4_processor_inputs(host_processor, kinds, questions, data: dict) -> dict:
+    """The image processor's per-image soft-token counts leave the inputs (the host's prompt layout reads them)."""
+    return {"num_soft_tokens_per_image": None}
+
+
+GEMMA4 = register_family(HostFamily(
+    name="gemma4",
+    model_types=("gemma4",),
+    sources=(VisionSource("projector", text_width, host_features,
+                          "after the tower's pooling and embedding (the host's get_image_features)"),),
+    vision_tower=("model.vision_tower",),
+    projector=("model.embed_vision",),
+    markers=("boi_token_id", "eoi_token_id"),
+    token_types="mm_token_type_ids",
+    drop_inputs=("image_position_ids",),
+    processor_inputs=gemma4_processor_inputs,
+    notes="images only: its video processor needs torchvision, so video was not built or tested; no audio",
+))
+"""Gemma 4 (images)."""
