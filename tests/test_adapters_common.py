@@ -1,5 +1,7 @@
 """qfusion.adapters (dispatch, the shared base, FusionCache) and the attach examples of the README and docs/hosts.md."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest_hosts import VideoHostProcessor, fusion_config, images
@@ -9,15 +11,16 @@ from torch import nn
 
 import qfusion
 from qfusion import QFusionProcessor, QuestionFusion
-from qfusion.adapters import get_adapter
+from qfusion.adapters import BUILT_IN_FAMILIES, FAMILIES, MODEL_TYPES, get_adapter, hosts_table
 from qfusion.adapters.patching import active_module
 
 DOC_SECTIONS = (("README.md", "Attach to a host"), ("docs/hosts.md", "Wrap a LLaVA checkpoint"),
                 ("docs/hosts.md", "Wrap a Qwen2.5-VL / Qwen3-VL checkpoint"),
-                ("docs/hosts.md", "Wrap a LLaVA-OneVision checkpoint"), ("docs/hosts.md", "Wrap BLIP-2 / InstructBLIP"))
+                ("docs/hosts.md", "Wrap a LLaVA-OneVision checkpoint"), ("docs/hosts.md", "Wrap BLIP-2 / InstructBLIP"),
+                ("docs/hosts.md", "Adding a host family"))
 CHECKPOINTS = {"llava-hf/llava-1.5-7b-hf": "llava", "Salesforce/blip2-opt-2.7b": "blip-2",
                "Salesforce/instructblip-vicuna-7b": "instructblip", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl",
-               "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava_onevision"}
+               "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava_onevision", "llava-hf/vip-llava-7b-hf": "vipllava"}
 STAND_IN_PROCESSORS = {"Wrap a Qwen2.5-VL / Qwen3-VL checkpoint": VideoHostProcessor.qwen,
                        "Wrap a LLaVA-OneVision checkpoint": VideoHostProcessor.onevision}
 """Sections whose hub processor needs torchvision (for its video processor): AutoProcessor gives the stand-in."""
@@ -31,6 +34,9 @@ def test_docs_adapter_sections_run_as_written(hosts, page, title, tmp_path, monk
 
         monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", staticmethod(STAND_IN_PROCESSORS[title]))
     Image.fromarray(images(1, size=(60, 80))[0]).save("photo.jpg")
+    hosts.directory("vipllava")  # built (and its tests' family registered) before the page registers its own
+    monkeypatch.delitem(FAMILIES, "vipllava", raising=False)  # the page registers the family as a user would
+    monkeypatch.delitem(MODEL_TYPES, "vipllava", raising=False)
     blocks = python_blocks(title, page)
     assert blocks
     namespace: dict = {}
@@ -39,6 +45,12 @@ def test_docs_adapter_sections_run_as_written(hosts, page, title, tmp_path, monk
         for checkpoint, kind in CHECKPOINTS.items():  # the hub checkpoints, as tiny random ones
             block = block.replace(repr(checkpoint).replace("'", '"'), repr(hosts.directory(kind)))
         exec(compile(checked(block), f"{page} ({title})", "exec"), namespace)
+
+
+def test_the_supported_hosts_table_is_the_registrys():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "hosts.md").read_text()
+    assert hosts_table(list(BUILT_IN_FAMILIES)) in page
+    assert {t for family in BUILT_IN_FAMILIES for t in family.model_types} <= set(MODEL_TYPES)
 
 
 def test_attach_rejects_unsupported_models_and_inputs(hosts):
@@ -52,6 +64,19 @@ def test_attach_rejects_unsupported_models_and_inputs(hosts):
         qfusion.attach(hosts.model("llava"), {"m": 4})
     with pytest.raises(ValueError, match="no qfusion plugin attached"):
         get_adapter(hosts.model("llava"))
+
+
+@pytest.mark.parametrize("model_type, config, reason", [
+    ("mllama", {}, "cross-attention layers, not as placeholder tokens"),
+    ("florence2", {"is_encoder_decoder": True}, "an encoder-decoder model"),
+])
+def test_hosts_without_the_placeholder_seam_are_refused_naming_why(model_type, config, reason):
+    from types import SimpleNamespace
+
+    host = nn.Module()
+    host.config = SimpleNamespace(model_type=model_type, **config)
+    with pytest.raises(NotImplementedError, match=f"cannot attach to '{model_type}'.*{reason}"):
+        qfusion.attach(host, fusion_config())
 
 
 def test_attach_before_peft_and_detach_after_unloading(hosts):

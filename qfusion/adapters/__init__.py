@@ -26,7 +26,7 @@ from qfusion.adapters import (blip2, gemma, idefics, internvl, llava, llava_onev
 from qfusion.adapters.adapter import FUSION_MODULE, HD_MODULE, HostAdapter, get_adapter, host_features, seam_outputs
 from qfusion.adapters.cache import FusionCache
 from qfusion.adapters.family import (FAMILIES, MODEL_TYPES, UNSUPPORTED, HostFamily, HostTokens, VisionSource,
-                                     family_for, register_family, text_width)
+                                     family_for, hosts_table, register_family, text_width)
 from qfusion.adapters.lora import lora_config
 from qfusion.adapters.patching import unwrap_model
 from qfusion.config import FusionConfig
@@ -34,9 +34,13 @@ from qfusion.model import QuestionFusion
 from qfusion.plugin import AdapterSettings, check_fit, check_int_pair, fit_config, read_plugin
 from qfusion.vision import HDFrontEnd
 
-__all__ = ["FAMILIES", "FUSION_MODULE", "FusionCache", "HD_MODULE", "HostAdapter", "HostFamily", "HostTokens",
+BUILT_IN_FAMILIES = (llava.LLAVA, qwen_vl.QWEN_VL, llava_onevision15.LLAVA_ONEVISION_1_5, gemma.GEMMA, gemma.GEMMA4,
+                     internvl.INTERNVL, idefics.IDEFICS, mistral.MISTRAL, blip2.BLIP2)
+"""The families qfusion ships (others are registered by users' code with :func:`register_family`)."""
+
+__all__ = ["BUILT_IN_FAMILIES", "FAMILIES", "FUSION_MODULE", "FusionCache", "HD_MODULE", "HostAdapter", "HostFamily", "HostTokens",
            "MODEL_TYPES", "UNSUPPORTED", "VisionSource", "attach", "detach", "family_for", "get_adapter",
-           "host_features", "lora_config", "register_family", "seam_outputs", "text_width"]
+           "host_features", "hosts_table", "lora_config", "register_family", "seam_outputs", "text_width"]
 
 
 def attach(model: nn.Module, fusion, *, mode: str | None = None, vision_source: str | None = None, hd=None,

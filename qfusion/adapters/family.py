@@ -256,6 +256,26 @@ def register_family(family: HostFamily, *, replace: bool = False) -> HostFamily:
     return family
 
 
+def hosts_table(families: list[HostFamily]) -> str:
+    """The supported-hosts table (markdown) of some families: model types, what each takes, how fused
+    tokens are placed, the vision sources and the transformers release each needs."""
+    from qfusion._versions import declared_requirements
+
+    floor = declared_requirements().get("transformers")
+    floor = str(floor.specifier).removeprefix(">=") if floor is not None else "qfusion's floor"
+    rows = ["| family | model types | images | several images | video | positions | vision sources | "
+            "transformers | notes |", "|---|---|---|---|---|---|---|---|---|"]
+    for family in families:
+        sources = ", ".join(f"`{s.name}`" + (" (default)" if i == 0 and len(family.sources) > 1 else "")
+                            for i, s in enumerate(family.sources))
+        rows.append(" | ".join([
+            f"| `{family.name}`", ", ".join(f"`{t}`" for t in family.model_types), "yes",
+            "yes" if family.multi_image else "no", "yes" if family.video_token else "no", family.position_rule,
+            sources, f">= {family.min_transformers or floor}", (family.notes or "") + " |",
+        ]))
+    return "\n".join(rows) + "\n"
+
+
 def family_for(model) -> HostFamily:
     """The registered family serving a host model or host config (by its ``model_type``), or an error
     saying why none does."""

@@ -33,7 +33,7 @@ def processor_inputs(host_processor, kinds, questions, data: dict) -> dict:
     return {"num_crops": None}
 
 GEMMA = register_family(HostFamily(
-    name="gemma",
+    name="gemma3",
     model_types=("gemma3",),
     sources=(VisionSource("projector", text_width, host_features,
                           "after the multimodal projector (the host's get_image_features)"),),
