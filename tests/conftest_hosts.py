@@ -725,7 +725,7 @@ def smolvlm_processor(directory):
 BUILDERS.update({"idefics3": lambda directory: _build_idefics(directory, "idefics3"),
                  "smolvlm": lambda directory: _build_idefics(directory, "smolvlm")})
 STAND_IN_PROCESSORS["smolvlm"] = smolvlm_processor
-HOST_CASES += [HostCase("idefics3"), HostCase("smolvlm")]
+HOST_CASES += [HostCase("idefics3"), HostCase("smolvlm", min_transformers="5.21")]
 
 
 # ---------------------------------------------------------------------- Mistral 3

@@ -35,7 +35,7 @@ from qfusion.plugin import AdapterSettings, check_fit, check_int_pair, fit_confi
 from qfusion.vision import HDFrontEnd
 
 BUILT_IN_FAMILIES = (llava.LLAVA, qwen_vl.QWEN_VL, llava_onevision15.LLAVA_ONEVISION_1_5, gemma.GEMMA, gemma.GEMMA4,
-                     internvl.INTERNVL, idefics.IDEFICS, mistral.MISTRAL, blip2.BLIP2)
+                     internvl.INTERNVL, idefics.IDEFICS3, idefics.SMOLVLM, mistral.MISTRAL, blip2.BLIP2)
 """The families qfusion ships (others are registered by users' code with :func:`register_family`)."""
 
 __all__ = ["BUILT_IN_FAMILIES", "FAMILIES", "FUSION_MODULE", "FusionCache", "HD_MODULE", "HostAdapter", "HostFamily", "HostTokens",
