@@ -39,9 +39,11 @@ clean:
 # bounds) in their own venv, under the tests that touch the host libraries.
 FLOOR_VENV ?= .venv-floor
 FLOOR_PY := $(FLOOR_VENV)/bin/python
-FLOOR_TESTS := tests/test_versions.py tests/test_model.py tests/test_inputs.py tests/test_processor.py \
-	tests/test_adapters_common.py tests/test_llava_adapter.py tests/test_blip2_adapter.py tests/test_qwen_vl_adapter.py \
-	tests/test_llava_onevision_adapter.py tests/test_train_recipe.py tests/test_readme.py
+FLOOR_TESTS := tests/test_versions.py tests/test_model.py tests/test_budget.py tests/test_inputs.py tests/test_processor.py \
+	tests/test_cache.py tests/test_plugin.py tests/test_host_contract.py tests/test_adapters_common.py tests/test_llava_adapter.py \
+	tests/test_blip2_adapter.py tests/test_qwen_vl_adapter.py tests/test_llava_onevision_adapter.py \
+	tests/test_gemma_adapter.py tests/test_internvl_adapter.py tests/test_idefics_adapter.py tests/test_mistral_adapter.py \
+	tests/test_train_recipe.py tests/test_readme.py
 
 $(FLOOR_VENV)/.floor-installed: pyproject.toml constraints/floor.txt
 	python3 -m venv $(FLOOR_VENV)

@@ -47,9 +47,10 @@ def test_docs_adapter_sections_run_as_written(hosts, page, title, tmp_path, monk
         exec(compile(checked(block), f"{page} ({title})", "exec"), namespace)
 
 
-def test_the_supported_hosts_table_is_the_registrys():
-    page = (Path(__file__).resolve().parents[1] / "docs" / "hosts.md").read_text()
-    assert hosts_table(list(BUILT_IN_FAMILIES)) in page
+@pytest.mark.parametrize("page", ["README.md", "docs/hosts.md"])
+def test_the_supported_hosts_table_is_the_registrys(page):
+    text = (Path(__file__).resolve().parents[1] / page).read_text()
+    assert hosts_table(list(BUILT_IN_FAMILIES)) in text
     assert {t for family in BUILT_IN_FAMILIES for t in family.model_types} <= set(MODEL_TYPES)
 
 

@@ -5,9 +5,9 @@
     processor = qfusion.QFusionProcessor(AutoProcessor.from_pretrained(checkpoint), model)
 
 ``attach`` finds the host's family in the registry by ``model.config.model_type``
-(:func:`~qfusion.adapters.family.register_family`; the built-in families live in
-:mod:`~qfusion.adapters.llava`, :mod:`~qfusion.adapters.qwen_vl`, :mod:`~qfusion.adapters.blip2`,
-...); ``detach`` undoes it exactly. The generic parts are :mod:`~qfusion.adapters.adapter` (the seam,
+(:func:`~qfusion.adapters.family.register_family`; each built-in family is a file of this folder
+that registers its record: :mod:`~qfusion.adapters.llava`, :mod:`~qfusion.adapters.qwen_vl`,
+:mod:`~qfusion.adapters.gemma`, ...); ``detach`` undoes it exactly. The generic parts are :mod:`~qfusion.adapters.adapter` (the seam,
 run once for every family), :mod:`~qfusion.adapters.patching` (reversible patching),
 :mod:`qfusion.plugin` (the plugin on disk, fitting a config to a host) and
 :mod:`~qfusion.adapters.lora` (peft).
@@ -16,13 +16,13 @@ run once for every family), :mod:`~qfusion.adapters.patching` (reversible patchi
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import pkgutil
 
 from torch import nn
 
 from qfusion._versions import check_host_versions, check_minimum
-from qfusion.adapters import (blip2, gemma, idefics, internvl, llava, llava_onevision15, mistral,  # noqa: F401
-                              qwen_vl)  # (registers the families)
 from qfusion.adapters.adapter import FUSION_MODULE, HD_MODULE, HostAdapter, get_adapter, host_features, seam_outputs
 from qfusion.adapters.cache import FusionCache
 from qfusion.adapters.family import (FAMILIES, MODEL_TYPES, UNSUPPORTED, HostFamily, HostTokens, VisionSource,
@@ -34,9 +34,12 @@ from qfusion.model import QuestionFusion
 from qfusion.plugin import AdapterSettings, check_fit, check_int_pair, fit_config, read_plugin
 from qfusion.vision import HDFrontEnd
 
-BUILT_IN_FAMILIES = (llava.LLAVA, qwen_vl.QWEN_VL, llava_onevision15.LLAVA_ONEVISION_1_5, gemma.GEMMA, gemma.GEMMA4,
-                     internvl.INTERNVL, idefics.IDEFICS3, idefics.SMOLVLM, mistral.MISTRAL, blip2.BLIP2)
-"""The families qfusion ships (others are registered by users' code with :func:`register_family`)."""
+for _module in pkgutil.iter_modules(__path__):  # every module here; the family files register their records
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+BUILT_IN_FAMILIES = tuple(FAMILIES.values())
+"""The families qfusion ships, in registration order (others are registered by users' code with
+:func:`register_family`). Adding one is a file in this folder that registers its record."""
 
 __all__ = ["BUILT_IN_FAMILIES", "FAMILIES", "FUSION_MODULE", "FusionCache", "HD_MODULE", "HostAdapter", "HostFamily", "HostTokens",
            "MODEL_TYPES", "UNSUPPORTED", "VisionSource", "attach", "detach", "family_for", "get_adapter",
