@@ -2,7 +2,7 @@
 
 A host processor expands every image (and video) into as many placeholders as the host has vision
 tokens. With the plugin a sample with G questions needs m placeholders right before its first
-question and n before each later one (BLIP ``augment``: the Q-Former's tokens first), and the
+question and n before each later one (in ``augment`` mode the host's own query tokens first), and the
 questions themselves as ``qfusion_input_ids`` / ``qfusion_attention_mask`` of shape
 (B, G_max, L_max). This wrapper builds both from the host's chat ``conversations`` (the user turns
 are the questions) or from plain question strings, the images through the host's image processor
@@ -115,11 +115,11 @@ class QFusionProcessor:
     """Builds the inputs of a qfusion-attached host: images, prompts with the right placeholders, questions.
 
     host_processor: the host's processor (``AutoProcessor.from_pretrained(checkpoint)``).
-    model: the attached host (``qfusion.attach``): the family, token ids, default budget, BLIP
+    model: the attached host (``qfusion.attach``): the family, token ids, default budget,
         ``augment`` prefix and HD grid are read from it. Or the host's config
         (``AutoConfig.from_pretrained(checkpoint)``): family and token ids from it, ``m`` and ``n``
         given here. Or None: the host processor's own ``image_token`` / ``video_token`` are the
-        placeholders, with no markers and no token types (hosts like LLaVA); ``m`` and ``n`` given here.
+        placeholders, with no markers and no token types; ``m`` and ``n`` given here.
     m, n: the default budget of these inputs (with a model: default its plugin's configured m, n):
         m placeholders before a sample's first question, n before each later one. A call may build
         inputs for another budget (``budget=``). The outputs carry it as ``qfusion_budget``, so
@@ -578,7 +578,7 @@ class QFusionProcessor:
 
 def _plugin_host(plugin) -> dict:
     """The constructor arguments a saved plugin determines without its host: family, token ids,
-    budget, HD grid (the BLIP ``augment`` prefix needs the host's config)."""
+    budget, HD grid (an ``augment`` prefix needs the attached host)."""
     from qfusion.adapters.family import FAMILIES
 
     settings = plugin.settings
