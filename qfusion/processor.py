@@ -75,6 +75,11 @@ def _adapter_of(model):
     """The adapter of an attached host; None for a host config (or None)."""
     if model is None or hasattr(model, "model_type"):
         return None
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "model: expected a host with a qfusion plugin attached or the host's transformers config, "
+            f"got {type(model).__name__}"
+        )
     from qfusion.adapters.adapter import get_adapter
 
     return get_adapter(model)
@@ -168,11 +173,6 @@ class QFusionProcessor:
                     f"question_tokenizer: has {size} tokens, more than the fusion's text_vocab_size={vocab}"
                 )
         elif model is not None:
-            if not hasattr(model, "model_type"):
-                raise TypeError(
-                    "model: expected a host with a qfusion plugin attached or the host's transformers config, "
-                    f"got {type(model).__name__}"
-                )
             family = family_for(model)
             tokens = family.tokens(model)
         if m is None or n is None:

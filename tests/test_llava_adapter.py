@@ -182,6 +182,8 @@ def test_bad_inputs_raise_clearly(hosts):
 
     with pytest.raises(ValueError, match="qfusion_input_ids: required"):
         call(qfusion_input_ids=None, qfusion_attention_mask=None)
+    with pytest.raises(ValueError, match=r"pixel_values_videos: this 'llava' host takes no video \(it takes \['image'\]\)"):
+        call(pixel_values_videos=torch.zeros(1, 2, 3, 56, 56))
     with pytest.raises(ValueError, match=r"sample 0 has image placeholder runs \[4, 2\] \(total 6\), expected \[4\]"):
         call(qfusion_input_ids=batch["qfusion_input_ids"].flip(0),
              qfusion_attention_mask=batch["qfusion_attention_mask"].flip(0))

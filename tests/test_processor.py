@@ -154,6 +154,10 @@ def test_bad_inputs_raise_clearly(llava_processor):
         QFusionProcessor(llava_processor)
     with pytest.raises(ValueError, match="m, n: expected 1 <= n <= m"):
         QFusionProcessor(llava_processor, m=2, n=3)
+    with pytest.raises(TypeError, match=r"m, n: m: expected an integer, got '4' \(str\)"):
+        QFusionProcessor(llava_processor, m="4", n=2)
+    with pytest.raises(TypeError, match="model: expected a host with a qfusion plugin attached or the host's"):
+        QFusionProcessor(llava_processor, object(), m=4, n=2)
     with pytest.raises(ValueError, match="padding_side"):
         QFusionProcessor(llava_processor, m=2, n=1)(images=images(1), questions="red", padding_side="middle")
     with pytest.raises(TypeError, match="host_processor"):
@@ -161,6 +165,8 @@ def test_bad_inputs_raise_clearly(llava_processor):
     processor = QFusionProcessor(llava_processor, m=4, n=2)
     with pytest.raises(ValueError, match="exactly one"):
         processor(images=images(1), questions="red", conversations=CONVERSATION)
+    with pytest.raises(ValueError, match=r"budget: m, n: expected 1 <= n <= m, got m=1, n=2"):
+        processor(images=images(1), questions="red", budget=(1, 2))
     with pytest.raises(ValueError, match="one image per sample"):
         processor(images=images(2), questions="red")
     with pytest.raises(ValueError, match="images: required"):
