@@ -165,7 +165,7 @@ def test_align_by_default_reads_answers_through_the_host_embeddings_and_download
     batch = recipe.Collator(processors, encoder.tokenizer, encoder.special_tokens)(
         [recipe.ConversationDataset(cfg.data, cfg.image_root)[i] for i in range(6)])
     assert (batch["answer_input_ids"][:, 0] != 2).all()  # no <s> in front of the mean-pooled answers
-    recipe.align_loss(model, encoder, batch).backward()
+    recipe.align_loss(model, encoder, batch, cfg).backward()
     assert encoder.projection.weight.grad is not None and model.get_input_embeddings().weight.grad is None
 
     out = workspace / "align-default-encoder"
