@@ -147,22 +147,6 @@ def test_active_module_follows_peft_modules_to_save(hosts):
     assert active_module(adapter.fusion) is adapter.fusion
 
 
-FAMILIES = [("llava", None), ("llava_next", None), ("llava_onevision", None), ("qwen2_vl", None), ("qwen2_5_vl", None), ("qwen3_vl", None), ("blip-2", "replace"),
-            ("instructblip", "augment")]
-PROMPTS = [["what is this ?", "how many"], ["red"], ["what color is it ?", "left", "big"]]
-
-
-def _attached(hosts, kind, mode, seed=0):
-    model = hosts.model(kind)
-    torch.manual_seed(seed)
-    qfusion.attach(model, fusion_config(), **({"mode": mode} if mode else {}))
-    return model, QFusionProcessor(hosts.processor(kind), model)
-
-
-def _sample_images(count):
-    return [images(1, seed=10 + i)[0] for i in range(count)]
-
-
 def test_a_host_whose_forward_lacks_the_embedding_seam_is_refused_at_attach(hosts):
     model = hosts.model("llava")
 
