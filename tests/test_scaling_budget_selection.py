@@ -1,0 +1,85 @@
+"""qfusion.scaling.budget_selection: the smallest budget that meets a target, and its interval."""
+
+import math
+
+import numpy as np
+import pytest
+
+from qfusion.scaling import PowerLawFit, fit_power_law, smallest_budget
+
+TOKENS = np.array([36.0, 64.0, 144.0, 256.0, 576.0, 1024.0, 2304.0])
+
+
+def law(n_c, alpha, num_tokens=TOKENS):
+    return (n_c / np.asarray(num_tokens, dtype=np.float64)) ** alpha
+
+
+@pytest.mark.parametrize("alpha, target", [(-0.25, 1.5), (-0.05, 1.1), (0.3, 0.4)])
+def test_smallest_budget_is_the_first_whole_n_that_meets_the_target(alpha, target):
+    fit = fit_power_law(TOKENS, law(12.0, alpha), n_bootstrap=0)
+    choice = smallest_budget(fit, target=target, n_bootstrap=50)
+    n = choice.num_tokens
+    meets = (lambda p: p >= target) if alpha < 0 else (lambda p: p <= target)  # α > 0: lower is better
+    assert meets(fit.predict(n)) and not meets(fit.predict(n - 1))
+    assert n == math.ceil(fit.tokens_for(target))
+    assert choice.interval == (n, n)  # every resample of an exact law is that law
+    assert choice.predicted == pytest.approx(fit.predict(n)) and choice.target == target
+
+
+@pytest.mark.parametrize("alpha", [-0.3, 0.3])
+def test_max_loss_is_relative_to_the_law_at_the_largest_budget(alpha):
+    fit = fit_power_law(TOKENS, law(12.0, alpha), n_bootstrap=0)
+    choice = smallest_budget(fit, max_loss=0.1, n_bootstrap=0)
+    top, n = fit.predict(TOKENS.max()), choice.num_tokens
+    if alpha < 0:  # a score that rises with N: keep 90 % of it
+        assert fit.predict(n) / top >= 0.9 > fit.predict(n - 1) / top
+    else:  # a lower-is-better score: allow it 10 % higher
+        assert fit.predict(n) / top <= 1.1 < fit.predict(n - 1) / top
+    assert choice.reference == TOKENS.max() and choice.interval == (None, None)
+    # P(N) / P(N_max) = (N / N_max)^-α, so the answer depends on α alone.
+    expected = TOKENS.max() * 0.9 ** (-1 / alpha) if alpha < 0 else TOKENS.max() * 1.1 ** (-1 / alpha)
+    assert choice.num_tokens == math.ceil(expected)
+
+
+def test_budget_interval_from_noisy_points_brackets_the_choice_and_is_seeded():
+    noise = np.exp(np.random.default_rng(3).normal(0, 0.02, len(TOKENS)))
+    fit = fit_power_law(TOKENS, law(5.0, -0.1) * noise, n_bootstrap=0)
+    choice = smallest_budget(fit, max_loss=0.05, n_bootstrap=300, seed=1)
+    low, high = choice.interval
+    assert low <= choice.num_tokens <= high and low < high
+    assert smallest_budget(fit, max_loss=0.05, n_bootstrap=300, seed=1) == choice
+    narrow = smallest_budget(fit, max_loss=0.05, n_bootstrap=300, seed=1, confidence=0.5).interval
+    assert low <= narrow[0] <= narrow[1] <= high
+
+
+def test_a_target_beyond_the_measured_points_is_flagged_as_extrapolated():
+    fit = fit_power_law(TOKENS, law(12.0, -0.25), n_bootstrap=0)
+    inside = smallest_budget(fit, target=fit.predict(500.0), n_bootstrap=0)
+    beyond = smallest_budget(fit, target=fit.predict(5000.0), n_bootstrap=0)
+    assert not inside.extrapolated and beyond.extrapolated and beyond.num_tokens > TOKENS.max()
+    assert inside.measured_range == (TOKENS.min(), TOKENS.max())
+
+
+def test_smallest_budget_without_points_gives_no_interval_and_refuses_a_relative_loss():
+    fit = PowerLawFit(n_c=10.0, alpha=-0.5, beta=-0.5 * math.log(10.0), r2=1.0, r2_score_space=1.0,
+                      alpha_ci=(-0.5, -0.5), num_points=4)
+    choice = smallest_budget(fit, target=2.0)
+    assert choice.num_tokens == 40 and choice.interval == (None, None) and choice.measured_range is None
+    with pytest.raises(ValueError, match="max_loss: the fit carries no points"):
+        smallest_budget(fit, max_loss=0.1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, "target, max_loss: expected exactly one of them"),
+    ({"target": 1.0, "max_loss": 0.1}, "target, max_loss: expected exactly one of them"),
+    ({"target": 0.0}, r"target: expected a finite score > 0"),
+    ({"target": float("inf")}, r"target: expected a finite score > 0"),
+    ({"max_loss": 1.0}, r"max_loss: expected a fraction in \[0, 1\), got 1.0"),
+    ({"max_loss": -0.1}, r"max_loss: expected a fraction in \[0, 1\)"),
+    ({"max_loss": 0.1, "n_bootstrap": -1}, "n_bootstrap: expected >= 0, got -1"),
+    ({"max_loss": 0.1, "confidence": 1.0}, r"confidence: expected a value in \(0, 1\)"),
+])
+def test_smallest_budget_rejects_bad_arguments_by_name(kwargs, match):
+    fit = fit_power_law(TOKENS, law(12.0, -0.25), n_bootstrap=0)
+    with pytest.raises(ValueError, match=match):
+        smallest_budget(fit, **kwargs)

@@ -1,0 +1,37 @@
+"""qfusion.scaling.plots: scaling series and branch divergence drawn to image files."""
+
+import matplotlib
+import numpy as np
+import pytest
+
+from qfusion.scaling import divergence_statistics, fit_power_law, plot_divergence, plot_scaling
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TOKENS = np.array([36.0, 64.0, 144.0, 256.0, 576.0, 1024.0, 2304.0])
+
+
+def law(n_c, alpha, num_tokens=TOKENS):
+    return (n_c / np.asarray(num_tokens, dtype=np.float64)) ** alpha
+
+
+def test_plot_scaling_writes_a_png_with_two_series_and_keeps_the_backend(tmp_path):
+    backend = matplotlib.get_backend()
+    fitted = fit_power_law(TOKENS, law(5.0, -0.3), n_bootstrap=0)
+    path = plot_scaling({"given fit": (TOKENS, law(5.0, -0.3), fitted), "fitted here": (TOKENS, law(9.0, -0.1))},
+                        tmp_path / "scaling.png", title="two series")
+    assert path == tmp_path / "scaling.png"
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 5000
+    assert matplotlib.get_backend() == backend
+    with pytest.raises(TypeError, match=r"series\['bad'\]: expected \(num_tokens, scores\)"):
+        plot_scaling({"bad": TOKENS}, tmp_path / "bad.png")
+    with pytest.raises(TypeError, match=r"series\['bad'\]: expected a PowerLawFit"):
+        plot_scaling({"bad": (TOKENS, law(5.0, -0.3), {"alpha": -0.3})}, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="series: expected at least one series"):
+        plot_scaling({}, tmp_path / "bad.png")
+
+
+def test_plot_divergence_writes_a_png(tmp_path):
+    result = divergence_statistics([np.random.default_rng(0).normal(size=(12, 6))])
+    path = plot_divergence(result, tmp_path / "divergence.png")
+    assert path.read_bytes().startswith(PNG_SIGNATURE) and path.stat().st_size > 5000
