@@ -34,12 +34,15 @@ def _add_fit(subparsers) -> None:
 
 def _run_fit(args) -> int:
     from qfusion.scaling import fit_power_law, load_points_csv, plot_scaling, save_fits
+    from qfusion.scaling.optional import require
 
     try:
+        if args.plot:  # before the fits, so that a missing matplotlib costs no work
+            require("matplotlib.figure", "qfusion fit --plot")
         points = load_points_csv(args.csv, x=args.x, y=args.y, group=args.group)
         fits = {name: fit_power_law(n, p, n_bootstrap=args.bootstrap, seed=args.seed)
                 for name, (n, p) in points.items()}
-    except ValueError as error:
+    except (ImportError, ValueError) as error:
         print(f"qfusion fit: {error}", file=sys.stderr)
         return 1
     width = max(len("series"), *(len(name) for name in fits))
@@ -75,9 +78,8 @@ def _add_budget(subparsers) -> None:
 
 
 def _run_budget(args) -> int:
-    import json
-
     from qfusion.scaling import load_fits, smallest_budget
+    from qfusion.scaling.files import write_json
 
     try:
         fits = load_fits(args.fits)
@@ -87,7 +89,7 @@ def _run_budget(args) -> int:
         choices = {name: smallest_budget(fits[name], target=args.target, max_loss=args.max_loss,
                                          n_bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence)
                    for name in args.series or fits}
-    except (OSError, ValueError) as error:
+    except (ImportError, OSError, ValueError) as error:
         print(f"qfusion budget: {error}", file=sys.stderr)
         return 1
     width = max(len("series"), *(len(name) for name in choices))
@@ -104,8 +106,7 @@ def _run_budget(args) -> int:
         print(f"{name:<{width}}  {choice.target:>10.4g}  {choice.num_tokens:>7}  {interval:>16}  "
               f"{choice.predicted:>10.4g}  {measured:>13}  {note}".rstrip())
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({name: choice.to_dict() for name, choice in choices.items()}, handle, indent=2)
+        write_json({name: choice.to_dict() for name, choice in choices.items()}, args.json)
         print(f"json: {args.json}")
     return 0
 
@@ -147,15 +148,17 @@ def _read_pairs(path: str) -> list[tuple[str, str, str]]:
 
 
 def _run_divergence(args) -> int:
-    import json
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qfusion.scaling import branch_divergence, plot_divergence
+    from qfusion.scaling.files import write_json
+    from qfusion.scaling.optional import require
 
     try:
+        if args.plot:  # before the model runs, so that a missing matplotlib costs no work
+            require("matplotlib.figure", "qfusion divergence --plot")
         pairs = _read_pairs(args.pairs)
-    except ValueError as error:
+    except (ImportError, ValueError) as error:
         print(f"qfusion divergence: {error}", file=sys.stderr)
         return 1
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -177,8 +180,7 @@ def _run_divergence(args) -> int:
         plot_divergence(result, args.plot)
         print(f"plot: {args.plot}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result.to_dict(), handle, indent=2)
+        write_json(result.to_dict(), args.json)
         print(f"json: {args.json}")
     return 0
 

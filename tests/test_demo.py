@@ -1,4 +1,5 @@
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -106,6 +107,17 @@ def test_fits_use_the_rising_range_of_each_type():
     assert fits["fused"]["block"]["rising"]["budgets"] == [1, 2, 3, 4]
     assert "error" in fits["fused"]["cell"]["rising"]  # one budget: a cell answer needs one token
     assert fits["fused"]["line"]["rising"]["alpha"] < 0
+
+
+@pytest.mark.parametrize("module", ["scipy.optimize", "matplotlib.figure"])
+def test_a_missing_fitting_or_plotting_library_is_named_with_the_extra_before_any_training(module, tmp_path,
+                                                                                          monkeypatch):
+    from qfusion.demo import run_demo
+
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=rf"the qfusion demo needs '{module}', .*pip install 'qfusion\[demo\]'"):
+        run_demo(quick=True, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_quick_demo_compressors_learn_above_chance(tmp_path, capsys):

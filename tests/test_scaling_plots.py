@@ -31,7 +31,16 @@ def test_plot_scaling_writes_a_png_with_two_series_and_keeps_the_backend(tmp_pat
         plot_scaling({}, tmp_path / "bad.png")
 
 
-def test_plot_divergence_writes_a_png(tmp_path):
+def test_plot_divergence_writes_a_png_and_refuses_anything_but_a_result(tmp_path):
     result = divergence_statistics([np.random.default_rng(0).normal(size=(12, 6))])
     path = plot_divergence(result, tmp_path / "divergence.png")
     assert path.read_bytes().startswith(PNG_SIGNATURE) and path.stat().st_size > 5000
+    with pytest.raises(TypeError, match="result: expected a DivergenceResult, got dict"):
+        plot_divergence(result.to_dict(), tmp_path / "bad.png")
+
+
+def test_figures_follow_the_suffix_and_default_to_png_without_one(tmp_path):
+    result = divergence_statistics([np.random.default_rng(0).normal(size=(12, 6))])
+    assert plot_divergence(result, tmp_path / "divergence").read_bytes().startswith(PNG_SIGNATURE)
+    assert plot_divergence(result, tmp_path / "divergence.svg").read_text().lstrip().startswith("<?xml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["divergence", "divergence.svg"]  # no temporary left

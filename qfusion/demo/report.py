@@ -7,10 +7,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from qfusion.demo.data import QUESTION_TYPES
+from qfusion.demo.data import QUESTION_TYPES, require
 from qfusion.scaling import fit_power_law
 
 MODES = {"fused": "question fused", "plain": "no question"}
@@ -187,8 +185,8 @@ def format_honesty(check: dict) -> str:
 def plot(summary: dict, fits: dict, chance: dict, budgets: tuple[int, ...], path: Path) -> Path:
     """Digit accuracy vs N, one panel per question type: both modes (mean ± std), the fused rising-range
     power law, the uncompressed baseline and chance."""
-    figure = Figure(figsize=(12.0, 4.0))
-    FigureCanvasAgg(figure)
+    figure = require("matplotlib.figure").Figure(figsize=(12.0, 4.0))
+    require("matplotlib.backends.backend_agg").FigureCanvasAgg(figure)
     n = np.array(budgets, dtype=float)
     for index, (kind, axes) in enumerate(zip(QUESTION_TYPES, figure.subplots(1, len(QUESTION_TYPES), sharey=True))):
         for color, (mode, label) in enumerate(MODES.items()):

@@ -1,4 +1,8 @@
-"""Figures of the scaling analysis: scaling series with their fitted laws, and branch divergence."""
+"""Figures of the scaling analysis: scaling series with their fitted laws, and branch divergence.
+
+matplotlib is imported when a figure is drawn (it comes with the ``scaling`` extra); figures are drawn
+on their own Agg canvas, so the caller's pyplot backend and state are left alone.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,38 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from qfusion.scaling.divergence import DivergenceResult
+from qfusion.scaling.files import write_atomically
+from qfusion.scaling.optional import require
 from qfusion.scaling.power_law import PowerLawFit, fit_power_law
+
+
+def _figure(size: tuple[float, float], needed_for: str):
+    """A matplotlib Figure of ``size`` inches on its own Agg canvas."""
+    figure = require("matplotlib.figure", needed_for).Figure(figsize=size)
+    require("matplotlib.backends.backend_agg", needed_for).FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path: str | os.PathLike) -> Path:
+    """Write the figure to path, atomically, in the format its suffix names (png without one)."""
+    figure.tight_layout()
+    image_format = Path(path).suffix.lstrip(".") or "png"
+    return write_atomically(path, lambda temporary: figure.savefig(temporary, format=image_format, dpi=120))
 
 
 def plot_scaling(series: Mapping[str, tuple], path: str | os.PathLike, *, title: str | None = None,
                  xlabel: str = "number of tokens N", ylabel: str = "score") -> Path:
-    """Draw scaling series (points and fitted power law, α in the legend) on one log-x figure, as PNG.
+    """Draw scaling series (points and fitted power law, α in the legend) on one log-x figure, as an image file.
 
     series: {name: (num_tokens, scores)} (fitted here, without bootstrap) or
         {name: (num_tokens, scores, fit)} with a :class:`PowerLawFit` of those points.
-    path: the image file to write (its format follows the suffix). Returns it as a Path.
+    path: the image file to write (its format follows the suffix, png without one). Returns it as a Path.
     """
     if not series:
         raise ValueError("series: expected at least one series, got none")
-    figure = Figure(figsize=(6.4, 4.4))
-    FigureCanvasAgg(figure)
+    figure = _figure((6.4, 4.4), "plot_scaling")
     axes = figure.add_subplot()
     for name, value in series.items():
         if not isinstance(value, tuple) or len(value) not in (2, 3):
@@ -46,18 +63,19 @@ def plot_scaling(series: Mapping[str, tuple], path: str | os.PathLike, *, title:
         axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    return Path(path)
+    return _save(figure, path)
 
 
 def plot_divergence(result: DivergenceResult, path: str | os.PathLike) -> Path:
     """Draw √E(N) against the bound (left) and ρ(N) (right), thresholds marked, as an image file.
 
-    path: the image file to write (its format follows the suffix). Returns it as a Path.
+    result: what :func:`~qfusion.scaling.divergence_statistics` or :func:`~qfusion.scaling.branch_divergence`
+        gives.
+    path: the image file to write (its format follows the suffix, png without one). Returns it as a Path.
     """
-    figure = Figure(figsize=(10.0, 4.0))
-    FigureCanvasAgg(figure)
+    if not isinstance(result, DivergenceResult):
+        raise TypeError(f"result: expected a DivergenceResult, got {type(result).__name__}")
+    figure = _figure((10.0, 4.0), "plot_divergence")
     energy_axes, rho_axes = figure.subplots(1, 2)
     energy_axes.plot(result.n, np.sqrt(result.energy), "o-", markersize=3, label="√E(N)")
     energy_axes.plot(result.n, result.bound, "--", label="bound(N) = σ·√(N + N(N−1)ρ(N))")
@@ -79,6 +97,4 @@ def plot_divergence(result: DivergenceResult, path: str | os.PathLike) -> Path:
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
     figure.suptitle(f"branch divergence over {result.num_pairs} pairs (σ = {result.sigma:.3g})")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    return Path(path)
+    return _save(figure, path)

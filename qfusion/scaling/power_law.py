@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from scipy.optimize import minimize
+
+from qfusion.scaling.files import write_json
+from qfusion.scaling.optional import require
 
 NO_POWER_LAW = 1e-6
 """|α| below this means the scores do not follow a power law in N."""
@@ -49,6 +51,7 @@ def solve_log_space(log_n: np.ndarray, log_p: np.ndarray) -> tuple[float, float]
         residual = log_p - beta + alpha * log_n
         return float(np.mean(residual**2)), np.array([np.mean(2 * residual * log_n), -np.mean(2 * residual)])
 
+    minimize = require("scipy.optimize", "fitting the power law").minimize
     # The objective is a convex quadratic: with its exact gradient, BFGS reaches machine precision.
     result = minimize(objective, np.zeros(2), jac=True, method="BFGS", options={"gtol": 1e-12})
     alpha, beta = result.x
@@ -194,10 +197,8 @@ def fit_power_law(num_tokens, scores, *, n_bootstrap: int = 1000, seed: int = 0)
 
 
 def save_fits(fits: Mapping[str, PowerLawFit], path: str | os.PathLike) -> Path:
-    """Write named fits as JSON, {name: fit.to_dict()} (what ``qfusion fit --json`` writes)."""
-    with open(path, "w") as handle:
-        json.dump({name: fit.to_dict() for name, fit in fits.items()}, handle, indent=2)
-    return Path(path)
+    """Write named fits as JSON, {name: fit.to_dict()} (what ``qfusion fit --json`` writes), atomically."""
+    return write_json({name: fit.to_dict() for name, fit in fits.items()}, path)
 
 
 def load_fits(path: str | os.PathLike) -> dict[str, PowerLawFit]:

@@ -1,0 +1,29 @@
+"""qfusion.scaling.files: a file is replaced whole or not at all."""
+
+import json
+
+import pytest
+
+from qfusion.scaling.files import write_atomically, write_json
+
+
+def test_write_json_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "fits.json"
+    path.write_text("old")
+    assert write_json({"a": [1, 2]}, path) == path
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["fits.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    path = tmp_path / "figure.png"
+    path.write_bytes(b"old figure")
+
+    def half_written(temporary):
+        temporary.write_bytes(b"new fig")
+        raise RuntimeError("the writer failed halfway")
+
+    with pytest.raises(RuntimeError, match="halfway"):
+        write_atomically(path, half_written)
+    assert path.read_bytes() == b"old figure"
+    assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
