@@ -67,8 +67,9 @@ def _add_budget(subparsers) -> None:
     p.add_argument("fits", help="JSON file of fits, {series: fit} (qfusion fit --json)")
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target", type=float, help="the score to reach, in the fitted scores' units")
-    goal.add_argument("--max-loss", type=float, help="the fraction of the score at the largest budget measured that "
-                                                      "may be given up, e.g. 0.02")
+    goal.add_argument("--max-loss", type=float, help="the fraction of the score measured at the largest budget "
+                                                      "that may be given up, e.g. 0.02 (needs the measured points, "
+                                                      "which qfusion fit --json keeps with each fit)")
     p.add_argument("--series", nargs="+", default=None, help="only these series (default: all in the file)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the interval of N")
     p.add_argument("--confidence", type=float, default=0.95, help="coverage of the interval (default: 0.95)")
@@ -86,6 +87,11 @@ def _run_budget(args) -> int:
         unknown = [name for name in args.series or () if name not in fits]
         if unknown:
             raise ValueError(f"--series: no series {unknown} in {args.fits!r}; it has {list(fits)}")
+        pointless = [name for name in args.series or fits if not fits[name].num_tokens]
+        if args.max_loss is not None and pointless:
+            raise ValueError(f"--max-loss: the fits of series {pointless} in {args.fits!r} carry no measured points "
+                             "(an older qfusion fit wrote them without), so the score measured at the largest budget "
+                             "is unknown; refit them with qfusion fit, or give --target")
         choices = {name: smallest_budget(fits[name], target=args.target, max_loss=args.max_loss,
                                          n_bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence)
                    for name in args.series or fits}

@@ -53,6 +53,31 @@ def test_budget_reads_what_qfusion_fit_writes(tmp_path, capsys):
     assert set(rows(capsys.readouterr().out)) == {"score"}
 
 
+def test_max_loss_target_on_flat_data_is_relative_to_the_measured_score(tmp_path, capsys):
+    # Rising up to N = 4, flat from there: the law overshoots at N = 16 (48.97), no measured score exceeds 45.3.
+    csv = tmp_path / "flat.csv"
+    csv.write_text("tokens,score\n1,30.0\n2,38.5\n4,44.9\n8,45.3\n16,45.1\n")
+    assert main(["fit", str(csv), "--json", str(tmp_path / "fits.json")]) == 0
+    capsys.readouterr()
+    assert main(["budget", str(tmp_path / "fits.json"), "--max-loss", "0.02", "--bootstrap", "200"]) == 0
+    row = rows(capsys.readouterr().out)["score"].split()
+    assert float(row[1]) == pytest.approx(0.98 * 45.1, abs=5e-3)  # printed to 4 digits: 44.2
+    assert row[2] == "8"
+
+
+def test_a_fits_file_without_measured_points_takes_a_target_but_not_a_relative_loss(fits_json, capsys):
+    data = json.loads(fits_json.read_text())
+    for fit in data.values():  # as qfusion fit --json wrote them before the points were kept
+        del fit["num_tokens"], fit["scores"]
+    fits_json.write_text(json.dumps(data))
+    assert main(["budget", str(fits_json), "--target", "1.0", "--series", "vqa"]) == 0
+    assert rows(capsys.readouterr().out)["vqa"].endswith("fit has no points: no interval")
+    assert main(["budget", str(fits_json), "--max-loss", "0.02"]) == 1
+    err = capsys.readouterr().err
+    assert f"qfusion budget: --max-loss: the fits of series ['vqa', 'pope'] in {str(fits_json)!r} carry no " in err
+    assert "refit them with qfusion fit, or give --target" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--max-loss", "0.02", "--series", "gqa"], "qfusion budget: --series: no series ['gqa']"),
     (["--max-loss", "1.5"], "qfusion budget: max_loss: expected a fraction in [0, 1), got 1.5"),

@@ -27,18 +27,44 @@ def test_smallest_budget_is_the_first_whole_n_that_meets_the_target(alpha, targe
 
 
 @pytest.mark.parametrize("alpha", [-0.3, 0.3])
-def test_max_loss_is_relative_to_the_law_at_the_largest_budget(alpha):
-    fit = fit_power_law(TOKENS, law(12.0, alpha), n_bootstrap=0)
+def test_max_loss_is_relative_to_the_score_measured_at_the_largest_budget(alpha):
+    scores = law(12.0, alpha)
+    scores[-1] *= 0.97  # the point at N_max lies off the law, so the law's value there is not a measured score
+    fit = fit_power_law(TOKENS, scores, n_bootstrap=0)
+    measured = scores[-1]
+    assert abs(fit.predict(TOKENS.max()) / measured - 1) > 0.01
     choice = smallest_budget(fit, max_loss=0.1, n_bootstrap=0)
-    top, n = fit.predict(TOKENS.max()), choice.num_tokens
-    if alpha < 0:  # a score that rises with N: keep 90 % of it
-        assert fit.predict(n) / top >= 0.9 > fit.predict(n - 1) / top
+    n = choice.num_tokens
+    assert choice.reference == TOKENS.max() and choice.reference_score == measured
+    if alpha < 0:  # a score that rises with N: keep 90 % of the measured one
+        assert choice.target == pytest.approx(0.9 * measured, rel=1e-12)
+        assert fit.predict(n) >= choice.target > fit.predict(n - 1)
     else:  # a lower-is-better score: allow it 10 % higher
-        assert fit.predict(n) / top <= 1.1 < fit.predict(n - 1) / top
-    assert choice.reference == TOKENS.max() and choice.interval == (None, None)
-    # P(N) / P(N_max) = (N / N_max)^-α, so the answer depends on α alone.
-    expected = TOKENS.max() * 0.9 ** (-1 / alpha) if alpha < 0 else TOKENS.max() * 1.1 ** (-1 / alpha)
-    assert choice.num_tokens == math.ceil(expected)
+        assert choice.target == pytest.approx(1.1 * measured, rel=1e-12)
+        assert fit.predict(n) <= choice.target < fit.predict(n - 1)
+    assert choice.interval == (None, None)
+
+
+FLAT_TOKENS = [1, 2, 4, 8, 16]
+FLAT_SCORES = [30.0, 38.5, 44.9, 45.3, 45.1]  # rising up to N = 4, flat from there
+
+
+def test_on_flat_data_the_target_comes_from_the_measured_scores_not_from_the_laws_overshoot():
+    fit = fit_power_law(FLAT_TOKENS, FLAT_SCORES, n_bootstrap=0)
+    assert fit.predict(16) > max(FLAT_SCORES) + 3  # the law overshoots every measured score at N = 16
+    choice = smallest_budget(fit, max_loss=0.02, n_bootstrap=200)
+    assert choice.target == pytest.approx(0.98 * 45.1, rel=1e-12) and choice.target < max(FLAT_SCORES)
+    # N is still read from the law, now for a target that the measured points reach.
+    assert choice.num_tokens == math.ceil(fit.tokens_for(choice.target)) == 8
+    low, high = choice.interval
+    assert low <= choice.num_tokens <= high <= 16
+
+
+def test_the_reference_score_is_the_mean_of_the_scores_measured_at_the_largest_budget():
+    fit = fit_power_law([16, 64, 256, 576, 576], [0.60, 0.72, 0.86, 0.92, 0.96], n_bootstrap=0)
+    choice = smallest_budget(fit, max_loss=0.05, n_bootstrap=0)
+    assert choice.reference == 576 and choice.reference_score == pytest.approx(0.94, rel=1e-12)
+    assert choice.target == pytest.approx(0.95 * 0.94, rel=1e-12)
 
 
 def test_budget_interval_from_noisy_points_brackets_the_choice_and_is_seeded():
@@ -65,7 +91,9 @@ def test_smallest_budget_without_points_gives_no_interval_and_refuses_a_relative
                       alpha_ci=(-0.5, -0.5), num_points=4)
     choice = smallest_budget(fit, target=2.0)
     assert choice.num_tokens == 40 and choice.interval == (None, None) and choice.measured_range is None
-    with pytest.raises(ValueError, match="max_loss: the fit carries no points"):
+    assert choice.reference is None and choice.reference_score is None
+    with pytest.raises(ValueError, match="max_loss: the fit carries no measured points, so the score measured at "
+                                         "the largest budget is unknown"):
         smallest_budget(fit, max_loss=0.1)
 
 
