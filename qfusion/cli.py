@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _add_demo(subparsers) -> None:
@@ -33,25 +34,31 @@ def _add_fit(subparsers) -> None:
 
 
 def _run_fit(args) -> int:
-    from qfusion.scaling import fit_power_law, load_points_csv, plot_scaling, save_fits
+    from qfusion.scaling import POOR_FIT_R2, PoorFitWarning, fit_power_law, load_points_csv, plot_scaling, save_fits
     from qfusion.scaling.optional import require
 
     try:
         if args.plot:  # before the fits, so that a missing matplotlib costs no work
             require("matplotlib.figure", "qfusion fit --plot")
         points = load_points_csv(args.csv, x=args.x, y=args.y, group=args.group)
-        fits = {name: fit_power_law(n, p, n_bootstrap=args.bootstrap, seed=args.seed)
-                for name, (n, p) in points.items()}
+        with warnings.catch_warnings():  # a poor fit is flagged in its row instead
+            warnings.simplefilter("ignore", PoorFitWarning)
+            fits = {name: fit_power_law(n, p, n_bootstrap=args.bootstrap, seed=args.seed)
+                    for name, (n, p) in points.items()}
     except (ImportError, ValueError) as error:
         print(f"qfusion fit: {error}", file=sys.stderr)
         return 1
     width = max(len("series"), *(len(name) for name in fits))
     print(f"{'series':<{width}}  {'N_c':>10}  {'alpha':>8}  {'alpha 95% CI':>19}  {'R2 (log)':>8}  "
-          f"{'R2 (score)':>10}  {'points':>6}")
+          f"{'R2 (score)':>10}  {'points':>6}  note")
     for name, fit in fits.items():
         low, high = fit.alpha_ci
+        note = "poor fit" if fit.poor else ""
         print(f"{name:<{width}}  {fit.n_c:>10.4g}  {fit.alpha:>8.4f}  {f'[{low:.4f}, {high:.4f}]':>19}  "
-              f"{fit.r2:>8.4f}  {fit.r2_score_space:>10.4f}  {fit.num_points:>6}")
+              f"{fit.r2:>8.4f}  {fit.r2_score_space:>10.4f}  {fit.num_points:>6}  {note}".rstrip())
+    if any(fit.poor for fit in fits.values()):
+        print(f"poor fit: R2 (log) below {POOR_FIT_R2:g}, the points do not follow P(N) = (N_c / N)^alpha closely; "
+              "N or scores read from the law can be far from the measured ones")
     if args.plot:
         plot_scaling({name: (*points[name], fit) for name, fit in fits.items()}, args.plot, ylabel=args.y)
         print(f"plot: {args.plot}")
@@ -79,7 +86,7 @@ def _add_budget(subparsers) -> None:
 
 
 def _run_budget(args) -> int:
-    from qfusion.scaling import load_fits, smallest_budget
+    from qfusion.scaling import POOR_FIT_R2, PoorFitWarning, load_fits, smallest_budget
     from qfusion.scaling.files import write_json
 
     try:
@@ -92,9 +99,11 @@ def _run_budget(args) -> int:
             raise ValueError(f"--max-loss: the fits of series {pointless} in {args.fits!r} carry no measured points "
                              "(an older qfusion fit wrote them without), so the score measured at the largest budget "
                              "is unknown; refit them with qfusion fit, or give --target")
-        choices = {name: smallest_budget(fits[name], target=args.target, max_loss=args.max_loss,
-                                         n_bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence)
-                   for name in args.series or fits}
+        with warnings.catch_warnings():  # a budget from a poor fit is flagged in its row instead
+            warnings.simplefilter("ignore", PoorFitWarning)
+            choices = {name: smallest_budget(fits[name], target=args.target, max_loss=args.max_loss,
+                                             n_bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence)
+                       for name in args.series or fits}
     except (ImportError, OSError, ValueError) as error:
         print(f"qfusion budget: {error}", file=sys.stderr)
         return 1
@@ -106,11 +115,15 @@ def _run_budget(args) -> int:
         low, high = choice.interval
         interval = "n/a" if low is None else f"[{low}, {high}]"
         measured = "n/a" if choice.measured_range is None else "{:g}..{:g}".format(*choice.measured_range)
-        note = "extrapolated" if choice.extrapolated else ""
-        if choice.measured_range is None:
-            note = "fit has no points: no interval"
+        notes = ["extrapolated" if choice.extrapolated else "",
+                 "fit has no points: no interval" if choice.measured_range is None else "",
+                 f"poor fit (R2 {fits[name].r2:.3f})" if choice.poor_fit else ""]
+        note = "; ".join(text for text in notes if text)
         print(f"{name:<{width}}  {choice.target:>10.4g}  {choice.num_tokens:>7}  {interval:>16}  "
               f"{choice.predicted:>10.4g}  {measured:>13}  {note}".rstrip())
+    if any(choice.poor_fit for choice in choices.values()):
+        print(f"poor fit: R2 (log) below {POOR_FIT_R2:g}; N comes from a law that does not describe the measured "
+              "points closely: check it against them")
     if args.json:
         write_json({name: choice.to_dict() for name, choice in choices.items()}, args.json)
         print(f"json: {args.json}")

@@ -60,9 +60,14 @@ def test_max_loss_target_on_flat_data_is_relative_to_the_measured_score(tmp_path
     assert main(["fit", str(csv), "--json", str(tmp_path / "fits.json")]) == 0
     capsys.readouterr()
     assert main(["budget", str(tmp_path / "fits.json"), "--max-loss", "0.02", "--bootstrap", "200"]) == 0
-    row = rows(capsys.readouterr().out)["score"].split()
-    assert float(row[1]) == pytest.approx(0.98 * 45.1, abs=5e-3)  # printed to 4 digits: 44.2
-    assert row[2] == "8"
+    printed = capsys.readouterr().out
+    row = rows(printed)["score"]
+    assert float(row.split()[1]) == pytest.approx(0.98 * 45.1, abs=5e-3)  # printed to 4 digits: 44.2
+    assert row.split()[2] == "8"
+    # R² 0.752: the law is a poor description of these points, and the row says so.
+    assert row.endswith("poor fit (R2 0.752)")
+    assert printed.splitlines()[-1] == ("poor fit: R2 (log) below 0.9; N comes from a law that does not describe "
+                                        "the measured points closely: check it against them")
 
 
 def test_a_fits_file_without_measured_points_takes_a_target_but_not_a_relative_loss(fits_json, capsys):
@@ -100,7 +105,7 @@ def test_budget_needs_exactly_one_goal_and_a_readable_file(fits_json, tmp_path, 
 def test_docs_budget_block_prints_what_the_api_gives(capsys):
     from readme_blocks import python_blocks
 
-    (block,) = [b for b in python_blocks("Scaling analysis", "docs/scaling.md") if "smallest_budget" in b]
+    (block,) = [b for b in python_blocks("Scaling analysis", "docs/scaling.md") if "max_loss=0.05" in b]
     exec(compile(block, "docs/scaling.md (Scaling analysis)", "exec"), {})
     fit = fit_power_law([16, 64, 256, 576], [0.60, 0.72, 0.86, 0.94])
     choice = smallest_budget(fit, max_loss=0.05)

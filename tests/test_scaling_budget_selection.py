@@ -1,11 +1,14 @@
 """qfusion.scaling.budget_selection: the smallest budget that meets a target, and its interval."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 
-from qfusion.scaling import PowerLawFit, fit_power_law, smallest_budget
+from qfusion.scaling import PoorFitWarning, PowerLawFit, fit_power_law, smallest_budget
+
+DOC_SECTIONS = (("docs/scaling.md", "Scaling analysis"),)
 
 TOKENS = np.array([36.0, 64.0, 144.0, 256.0, 576.0, 1024.0, 2304.0])
 
@@ -49,15 +52,31 @@ FLAT_TOKENS = [1, 2, 4, 8, 16]
 FLAT_SCORES = [30.0, 38.5, 44.9, 45.3, 45.1]  # rising up to N = 4, flat from there
 
 
+def poor_flat_fit():
+    with pytest.warns(PoorFitWarning):
+        return fit_power_law(FLAT_TOKENS, FLAT_SCORES, n_bootstrap=0)
+
+
 def test_on_flat_data_the_target_comes_from_the_measured_scores_not_from_the_laws_overshoot():
-    fit = fit_power_law(FLAT_TOKENS, FLAT_SCORES, n_bootstrap=0)
+    fit = poor_flat_fit()
     assert fit.predict(16) > max(FLAT_SCORES) + 3  # the law overshoots every measured score at N = 16
-    choice = smallest_budget(fit, max_loss=0.02, n_bootstrap=200)
+    with pytest.warns(PoorFitWarning):
+        choice = smallest_budget(fit, max_loss=0.02, n_bootstrap=200)
     assert choice.target == pytest.approx(0.98 * 45.1, rel=1e-12) and choice.target < max(FLAT_SCORES)
     # N is still read from the law, now for a target that the measured points reach.
     assert choice.num_tokens == math.ceil(fit.tokens_for(choice.target)) == 8
     low, high = choice.interval
     assert low <= choice.num_tokens <= high <= 16
+
+
+def test_a_budget_from_a_poor_fit_warns_and_is_flagged():
+    with pytest.warns(PoorFitWarning, match=r"smallest_budget: R² = 0\.752 in log space, below POOR_FIT_R2 = 0\.9"):
+        choice = smallest_budget(poor_flat_fit(), target=44.0, n_bootstrap=0)
+    assert choice.poor_fit and choice.to_dict()["poor_fit"] is True
+    good = fit_power_law(TOKENS, law(12.0, -0.25), n_bootstrap=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not smallest_budget(good, target=1.5, n_bootstrap=0).poor_fit
 
 
 def test_the_reference_score_is_the_mean_of_the_scores_measured_at_the_largest_budget():
@@ -111,3 +130,13 @@ def test_smallest_budget_rejects_bad_arguments_by_name(kwargs, match):
     fit = fit_power_law(TOKENS, law(12.0, -0.25), n_bootstrap=0)
     with pytest.raises(ValueError, match=match):
         smallest_budget(fit, **kwargs)
+
+
+def test_docs_flat_data_block_prints_what_it_says():
+    from readme_blocks import checked, python_blocks
+
+    ((page, section),) = DOC_SECTIONS
+    (block,) = [b for b in python_blocks(section, page) if "flat = fit_power_law" in b]
+    code = checked(block)
+    assert code.count("assert __printed ==") == 2  # both prints state their output, and it is checked
+    exec(compile(code, f"{page} ({section})", "exec"), {})

@@ -1,4 +1,4 @@
-"""qfusion.scaling.optional: scipy and matplotlib are needed only where they are used, and a missing one names the extra."""
+"""qfusion.scaling.optional: scipy and matplotlib are needed only where used; a missing one names the extra."""
 
 import subprocess
 import sys
@@ -30,7 +30,8 @@ def test_scaling_runs_without_scipy_and_matplotlib_until_a_fit_or_a_figure_needs
         assert load_fits(save_fits({{"a": fit}}, path)) == {{"a": fit}}
         assert smallest_budget(fit, target=2.0, n_bootstrap=0).num_tokens == 40
         result = divergence_statistics([np.eye(3)])
-        needs = r"needs {{}}, which is not installed; it comes with qfusion's 'scaling' extra: pip install 'qfusion\\[scaling\\]'"
+        needs = (r"needs {{}}, which is not installed; it comes with qfusion's 'scaling' extra: "
+                 r"pip install 'qfusion\\[scaling\\]'")
         with pytest.raises(ImportError, match="fitting the power law " + needs.format("scipy")):
             fit_power_law([10, 40, 90], [1.0, 2.0, 3.0])
         with pytest.raises(ImportError, match="fitting the power law " + needs.format("scipy")):

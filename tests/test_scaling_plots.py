@@ -1,5 +1,8 @@
 """qfusion.scaling.plots: scaling series and branch divergence drawn to image files."""
 
+import html
+import re
+
 import matplotlib
 import numpy as np
 import pytest
@@ -29,6 +32,20 @@ def test_plot_scaling_writes_a_png_with_two_series_and_keeps_the_backend(tmp_pat
         plot_scaling({"bad": (TOKENS, law(5.0, -0.3), {"alpha": -0.3})}, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="series: expected at least one series"):
         plot_scaling({}, tmp_path / "bad.png")
+
+
+def legend_texts(svg_path):
+    return [html.unescape(text).strip() for text in re.findall(r"<text[^>]*>([^<]*)</text>", svg_path.read_text())]
+
+
+def test_a_poor_fit_is_flagged_in_its_legend_entry(tmp_path):
+    flat = ([1, 2, 4, 8, 16], [30.0, 38.5, 44.9, 45.3, 45.1])  # R² 0.752 in log space
+    good = fit_power_law(TOKENS, law(5.0, -0.3), n_bootstrap=0)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text in the SVG
+        path = plot_scaling({"flat": flat, "good": (TOKENS, law(5.0, -0.3), good)}, tmp_path / "scaling.svg")
+    texts = legend_texts(path)
+    assert any(t.startswith("flat: α = -0.141") and t.endswith("POOR FIT (R² 0.75 < 0.9)") for t in texts), texts
+    assert any(t.startswith("good: α = -0.300") for t in texts) and sum("POOR" in t for t in texts) == 1
 
 
 def test_plot_divergence_writes_a_png_and_refuses_anything_but_a_result(tmp_path):

@@ -2,12 +2,21 @@
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 
 from qfusion.cli import main
-from qfusion.scaling import PowerLawFit, fit_power_law, load_fits, load_points_csv, save_fits
+from qfusion.scaling import (
+    POOR_FIT_R2,
+    PoorFitWarning,
+    PowerLawFit,
+    fit_power_law,
+    load_fits,
+    load_points_csv,
+    save_fits,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TOKENS = np.array([36.0, 64.0, 144.0, 256.0, 576.0, 1024.0, 2304.0])
@@ -114,6 +123,35 @@ def test_flat_scores_have_no_power_law():
         fit_power_law(TOKENS, np.full(len(TOKENS), 71.5))
 
 
+FLAT_TOKENS = [1, 2, 4, 8, 16]
+FLAT_SCORES = [30.0, 38.5, 44.9, 45.3, 45.1]  # rising up to N = 4, flat from there: R² 0.752 in log space
+
+
+def test_a_poor_fit_warns_when_made_and_says_so_when_printed():
+    with pytest.warns(PoorFitWarning, match=r"fit_power_law: R² = 0\.752 in log space, below POOR_FIT_R2 = 0\.9"):
+        fit = fit_power_law(FLAT_TOKENS, FLAT_SCORES, n_bootstrap=0)
+    assert fit.poor
+    assert str(fit).endswith("POOR FIT: R² 0.752 < 0.9, the points do not follow the law")
+
+
+def test_a_good_fit_is_not_flagged_and_warns_nothing():
+    noise = np.exp(np.random.default_rng(3).normal(0, 0.02, len(TOKENS)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = fit_power_law(TOKENS, law(5.0, -0.3) * noise, n_bootstrap=20)
+    assert not fit.poor and fit.r2 >= POOR_FIT_R2
+    assert str(fit) == ("P(N) = (N_c / N)^α, α = -0.2917 [-0.304, -0.2775], N_c = 4.612, R² = 0.996 (log space), "
+                        "7 points")
+
+
+@pytest.mark.parametrize("r2, poor", [(POOR_FIT_R2, False), (np.nextafter(POOR_FIT_R2, 0), True), (0.32, True),
+                                      (1.0, False), (math.nan, True)])
+def test_poor_means_log_space_r2_below_the_threshold(r2, poor):
+    fit = PowerLawFit(n_c=10.0, alpha=-0.5, beta=-0.5 * math.log(10.0), r2=r2, r2_score_space=0.99,
+                      alpha_ci=(math.nan, math.nan), num_points=4)
+    assert fit.poor is poor
+
+
 def test_to_dict_is_json_ready():
     fit = fit_power_law(TOKENS, law(5.0, -0.3), n_bootstrap=20)
     data = json.loads(json.dumps(fit.to_dict()))
@@ -182,6 +220,21 @@ def test_cli_fit_prints_one_row_per_series_and_writes_plot_and_json(tmp_path, ca
     saved = json.loads((tmp_path / "fit.json").read_text())
     assert saved["mme"]["alpha"] == pytest.approx(-0.2, rel=1e-6)
     assert saved["pope"]["alpha_ci"] == pytest.approx([-0.05, -0.05], rel=1e-6)
+
+
+def test_cli_fit_flags_a_poor_fit_in_its_row_and_explains_the_flag(tmp_path, capsys):
+    csv = tmp_path / "flat.csv"
+    csv.write_text("tokens,score\n" + "".join(f"{n},{s}\n" for n, s in zip(FLAT_TOKENS, FLAT_SCORES)))
+    assert main(["fit", str(csv), "--bootstrap", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == "note"
+    assert lines[1].split()[0] == "score" and lines[1].endswith("  5  poor fit")
+    assert lines[2] == ("poor fit: R2 (log) below 0.9, the points do not follow P(N) = (N_c / N)^alpha closely; "
+                        "N or scores read from the law can be far from the measured ones")
+    path = write_scores_csv(tmp_path / "scores.csv")
+    assert main(["fit", str(path), "--group", "series", "--bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "poor fit" not in printed and len(printed.splitlines()) == 3
 
 
 def test_cli_fit_reports_bad_input_without_a_traceback(tmp_path, capsys):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qfusion.scaling.power_law import PowerLawFit, solve_log_space
+from qfusion.scaling.power_law import PowerLawFit, solve_log_space, warn_if_poor
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class BudgetChoice:
     reference: the largest N measured; reference_score: the mean score measured there (both None
         for a fit without points).
     measured_range: (smallest, largest) N measured, or None; extrapolated: num_tokens lies outside it.
+    poor_fit: the law it was read from is a poor fit (:attr:`~qfusion.scaling.PowerLawFit.poor`).
     """
 
     target: float
@@ -33,13 +34,14 @@ class BudgetChoice:
     reference_score: float | None
     measured_range: tuple[float, float] | None
     extrapolated: bool
+    poor_fit: bool
 
     def to_dict(self) -> dict:
         """The choice as plain JSON-ready values."""
         return {"target": self.target, "num_tokens": self.num_tokens, "interval": list(self.interval),
                 "predicted": self.predicted, "reference": self.reference, "reference_score": self.reference_score,
                 "measured_range": None if self.measured_range is None else list(self.measured_range),
-                "extrapolated": self.extrapolated}
+                "extrapolated": self.extrapolated, "poor_fit": self.poor_fit}
 
 
 def _smallest_n(alpha: float, beta: float, rising: bool, target: float) -> int:
@@ -72,6 +74,9 @@ def smallest_budget(fit: PowerLawFit, *, target: float | None = None, max_loss: 
         points, gives no interval.
     seed: seed of the resampling. confidence: the interval's coverage, in (0, 1).
 
+    Warns with :class:`~qfusion.scaling.PoorFitWarning` when the fit is poor, and says so in
+    ``poor_fit``: N then comes from a law that does not describe the measured points closely.
+
     >>> from qfusion.scaling import fit_power_law
     >>> fit = fit_power_law([16, 64, 256, 576], [0.60, 0.72, 0.86, 0.94])
     >>> choice = smallest_budget(fit, max_loss=0.05)
@@ -91,6 +96,7 @@ def smallest_budget(fit: PowerLawFit, *, target: float | None = None, max_loss: 
         raise ValueError(f"n_bootstrap: expected >= 0, got {n_bootstrap!r}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence: expected a value in (0, 1), got {confidence!r}")
+    warn_if_poor(fit, "smallest_budget")
     n, p = np.asarray(fit.num_tokens, dtype=np.float64), np.asarray(fit.scores, dtype=np.float64)
     has_points = len(n) > 0
     if max_loss is not None and not has_points:
@@ -121,4 +127,4 @@ def smallest_budget(fit: PowerLawFit, *, target: float | None = None, max_loss: 
     extrapolated = measured is not None and not (measured[0] <= num_tokens <= measured[1])
     return BudgetChoice(target=float(goal), num_tokens=num_tokens, interval=interval,
                         predicted=fit.predict(num_tokens), reference=reference, reference_score=reference_score,
-                        measured_range=measured, extrapolated=extrapolated)
+                        measured_range=measured, extrapolated=extrapolated, poor_fit=fit.poor)

@@ -7,6 +7,7 @@ on their own Agg canvas, so the caller's pyplot backend and state are left alone
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -15,7 +16,7 @@ import numpy as np
 from qfusion.scaling.divergence import DivergenceResult
 from qfusion.scaling.files import write_atomically
 from qfusion.scaling.optional import require
-from qfusion.scaling.power_law import PowerLawFit, fit_power_law
+from qfusion.scaling.power_law import POOR_FIT_R2, PoorFitWarning, PowerLawFit, fit_power_law
 
 
 def _figure(size: tuple[float, float], needed_for: str):
@@ -36,6 +37,8 @@ def plot_scaling(series: Mapping[str, tuple], path: str | os.PathLike, *, title:
                  xlabel: str = "number of tokens N", ylabel: str = "score") -> Path:
     """Draw scaling series (points and fitted power law, α in the legend) on one log-x figure, as an image file.
 
+    A poor fit (:attr:`~qfusion.scaling.PowerLawFit.poor`) is marked so in its legend entry.
+
     series: {name: (num_tokens, scores)} (fitted here, without bootstrap) or
         {name: (num_tokens, scores, fit)} with a :class:`PowerLawFit` of those points.
     path: the image file to write (its format follows the suffix, png without one). Returns it as a Path.
@@ -49,13 +52,19 @@ def plot_scaling(series: Mapping[str, tuple], path: str | os.PathLike, *, title:
             raise TypeError(f"series[{name!r}]: expected (num_tokens, scores) or (num_tokens, scores, fit), "
                             f"got {type(value).__name__}")
         n, p = np.asarray(value[0], dtype=np.float64), np.asarray(value[1], dtype=np.float64)
-        fit = value[2] if len(value) == 3 else fit_power_law(n, p, n_bootstrap=0)
+        if len(value) == 3:
+            fit = value[2]
+        else:
+            with warnings.catch_warnings():  # the legend flags a poor fit
+                warnings.simplefilter("ignore", PoorFitWarning)
+                fit = fit_power_law(n, p, n_bootstrap=0)
         if not isinstance(fit, PowerLawFit):
             raise TypeError(f"series[{name!r}]: expected a PowerLawFit as third item, got {type(fit).__name__}")
         (points,) = axes.plot(n, p, "o")
         grid = np.geomspace(n.min(), n.max(), 200)
+        poor = f", POOR FIT (R² {fit.r2:.2f} < {POOR_FIT_R2:g})" if fit.poor else ""
         axes.plot(grid, fit.predict(grid), "-", color=points.get_color(),
-                  label=f"{name}: α = {fit.alpha:.3f}, N_c = {fit.n_c:.3g}")
+                  label=f"{name}: α = {fit.alpha:.3f}, N_c = {fit.n_c:.3g}{poor}")
     axes.set_xscale("log")
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)

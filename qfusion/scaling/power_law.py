@@ -3,6 +3,13 @@
 :func:`fit_power_law` fits it in log space and gives a :class:`PowerLawFit`; :func:`save_fits` /
 :func:`load_fits` keep named fits as JSON (what ``qfusion fit --json`` writes), and
 :func:`load_points_csv` reads (N, score) points from a CSV file.
+
+A fit whose R² in log space is below :data:`POOR_FIT_R2` is poor (:attr:`PowerLawFit.poor`): the
+points do not follow the law closely, so what is read from it can be far from what was measured.
+That one rule flags a fit everywhere: :func:`fit_power_law` and
+:func:`~qfusion.scaling.smallest_budget` warn with :class:`PoorFitWarning` when they make or use a
+poor fit, and ``str(fit)``, the ``qfusion fit`` / ``qfusion budget`` tables and the plots' legends
+say so.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -22,6 +30,31 @@ from qfusion.scaling.optional import require
 
 NO_POWER_LAW = 1e-6
 """|α| below this means the scores do not follow a power law in N."""
+
+POOR_FIT_R2 = 0.9
+"""R² in log space (``PowerLawFit.r2``, what is fitted) below this makes a fit poor: more than a tenth
+of the variance of log P is left unexplained, as when scores rise and then flatten out, and a budget
+read from such a law can be several times the N at which the measured scores already meet a target."""
+
+
+class PoorFitWarning(UserWarning):
+    """A poor fit (R² in log space below :data:`POOR_FIT_R2`) was made or used.
+
+    Code that shows the flag itself can silence it:
+    ``warnings.simplefilter("ignore", qfusion.scaling.PoorFitWarning)``.
+    """
+
+
+def warn_if_poor(fit: "PowerLawFit", user: str, stacklevel: int = 2) -> None:
+    """Warn with :class:`PoorFitWarning` that ``user`` (a function's name) made or used a poor fit.
+
+    Nothing happens for a fit that is not poor. stacklevel: as for :func:`warnings.warn`, counted
+    from the function that calls this one (2: that function's caller).
+    """
+    if fit.poor:
+        warnings.warn(f"{user}: R² = {fit.r2:.3f} in log space, below POOR_FIT_R2 = {POOR_FIT_R2:g}: the points do "
+                      "not follow P(N) = (N_c / N)^α closely, so N or scores read from the law can be far from "
+                      "the measured ones", PoorFitWarning, stacklevel=stacklevel + 1)
 
 
 def _as_points(values, name: str) -> np.ndarray:
@@ -73,7 +106,9 @@ class PowerLawFit:
     ``r2_score_space`` R² of the predicted scores in the units given. ``alpha_ci`` is a 95% bootstrap
     interval for α ((nan, nan) when no bootstrap was run). ``num_tokens`` and ``scores`` are the
     points fitted (empty for a fit built by hand), kept so that a budget chosen from the law can be
-    given a bootstrap interval (:func:`smallest_budget`).
+    given a target relative to a measured score and a bootstrap interval
+    (:func:`~qfusion.scaling.smallest_budget`). ``poor`` flags a fit with R² below :data:`POOR_FIT_R2`;
+    ``str(fit)`` is a one-line summary that ends with that flag.
     """
 
     n_c: float
@@ -85,6 +120,21 @@ class PowerLawFit:
     num_points: int
     num_tokens: tuple[float, ...] = ()
     scores: tuple[float, ...] = ()
+
+    @property
+    def poor(self) -> bool:
+        """Whether the law describes its points poorly: R² in log space below :data:`POOR_FIT_R2` (or NaN)."""
+        return not self.r2 >= POOR_FIT_R2
+
+    def __str__(self) -> str:
+        """α (with its interval when bootstrapped), N_c, R² and the point count on one line; a poor fit says so."""
+        low, high = self.alpha_ci
+        interval = f" [{low:.4g}, {high:.4g}]" if math.isfinite(low) and math.isfinite(high) else ""
+        summary = (f"P(N) = (N_c / N)^α, α = {self.alpha:.4g}{interval}, N_c = {self.n_c:.4g}, "
+                   f"R² = {self.r2:.3f} (log space), {self.num_points} points")
+        if self.poor:
+            summary += f"; POOR FIT: R² {self.r2:.3f} < {POOR_FIT_R2:g}, the points do not follow the law"
+        return summary
 
     def predict(self, num_tokens):
         """The law's score at num_tokens: a float for a scalar, a numpy array for an array-like.
@@ -156,7 +206,8 @@ def fit_power_law(num_tokens, scores, *, n_bootstrap: int = 1000, seed: int = 0)
         two distinct N are skipped; 0 leaves ``alpha_ci`` at (nan, nan).
     seed: seed of the bootstrap resampling.
 
-    Raises ValueError when |α| < 1e-6: the scores show no power law in N.
+    Raises ValueError when |α| < 1e-6: the scores show no power law in N. Warns with
+    :class:`PoorFitWarning` when the fit is poor (R² in log space below :data:`POOR_FIT_R2`).
 
     >>> fit = fit_power_law([10, 40, 90, 160], [1.0, 2.0, 3.0, 4.0])  # P = (10 / N)^-0.5
     >>> round(fit.alpha, 6), round(fit.n_c, 4), round(fit.r2, 6)
@@ -191,9 +242,11 @@ def fit_power_law(num_tokens, scores, *, n_bootstrap: int = 1000, seed: int = 0)
             alphas.append(solve_log_space(log_n[index], log_p[index])[0])
     low, high = np.percentile(alphas, [2.5, 97.5]) if alphas else (math.nan, math.nan)
 
-    return PowerLawFit(n_c=n_c, alpha=alpha, beta=beta, r2=_r2(log_p, log_fitted),
-                       r2_score_space=_r2(p, np.exp(log_fitted)), alpha_ci=(float(low), float(high)),
-                       num_points=len(n), num_tokens=tuple(n.tolist()), scores=tuple(p.tolist()))
+    fit = PowerLawFit(n_c=n_c, alpha=alpha, beta=beta, r2=_r2(log_p, log_fitted),
+                      r2_score_space=_r2(p, np.exp(log_fitted)), alpha_ci=(float(low), float(high)),
+                      num_points=len(n), num_tokens=tuple(n.tolist()), scores=tuple(p.tolist()))
+    warn_if_poor(fit, "fit_power_law")
+    return fit
 
 
 def save_fits(fits: Mapping[str, PowerLawFit], path: str | os.PathLike) -> Path:
