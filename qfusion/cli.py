@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 
 def _add_demo(subparsers) -> None:
@@ -18,6 +19,13 @@ def _run_demo(args) -> int:
     from qfusion.demo import run_demo
 
     return run_demo(quick=args.quick, out_dir=args.out)
+
+
+def _check_outputs(**paths: str | None) -> None:
+    """Raise ValueError naming the option whose file would go into a missing directory (before any work)."""
+    for option, path in paths.items():
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"--{option}: no directory {str(Path(path).parent)!r} to write {path!r} in")
 
 
 def _add_fit(subparsers) -> None:
@@ -38,6 +46,7 @@ def _run_fit(args) -> int:
     from qfusion.scaling.optional import require
 
     try:
+        _check_outputs(plot=args.plot, json=args.json)
         if args.plot:  # before the fits, so that a missing matplotlib costs no work
             require("matplotlib.figure", "qfusion fit --plot")
         points = load_points_csv(args.csv, x=args.x, y=args.y, group=args.group)
@@ -90,6 +99,7 @@ def _run_budget(args) -> int:
     from qfusion.scaling.files import write_json
 
     try:
+        _check_outputs(json=args.json)
         fits = load_fits(args.fits)
         unknown = [name for name in args.series or () if name not in fits]
         if unknown:
@@ -174,6 +184,7 @@ def _run_divergence(args) -> int:
     from qfusion.scaling.optional import require
 
     try:
+        _check_outputs(plot=args.plot, json=args.json)
         if args.plot:  # before the model runs, so that a missing matplotlib costs no work
             require("matplotlib.figure", "qfusion divergence --plot")
         pairs = _read_pairs(args.pairs)

@@ -93,6 +93,24 @@ def test_budget_reports_bad_input_without_a_traceback(fits_json, argv, message, 
     assert message in capsys.readouterr().err
 
 
+def test_output_files_in_a_missing_directory_are_refused_before_any_work(fits_json, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert main(["budget", str(fits_json), "--max-loss", "0.02", "--json", str(missing / "b.json")]) == 1
+    assert f"qfusion budget: --json: no directory {str(missing)!r}" in capsys.readouterr().err
+    csv = tmp_path / "scores.csv"
+    csv.write_text("tokens,score\n16,0.5\n64,0.6\n256,0.7\n")
+    assert main(["fit", str(csv), "--plot", str(missing / "fit.png")]) == 1
+    captured = capsys.readouterr()
+    assert f"qfusion fit: --plot: no directory {str(missing)!r}" in captured.err and captured.out == ""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "what", "chosen": "blue", "rejected": "red"}\n')
+    # The model directory does not exist either: the check comes first, so the model is never loaded.
+    assert main(["divergence", "--model", str(tmp_path / "no-model"), "--pairs", str(pairs),
+                 "--json", str(missing / "div.json")]) == 1
+    assert f"qfusion divergence: --json: no directory {str(missing)!r}" in capsys.readouterr().err
+    assert not missing.exists()
+
+
 def test_budget_needs_exactly_one_goal_and_a_readable_file(fits_json, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["budget", str(fits_json)])

@@ -125,11 +125,27 @@ def test_smallest_budget_without_points_gives_no_interval_and_refuses_a_relative
     ({"max_loss": -0.1}, r"max_loss: expected a fraction in \[0, 1\)"),
     ({"max_loss": 0.1, "n_bootstrap": -1}, "n_bootstrap: expected >= 0, got -1"),
     ({"max_loss": 0.1, "confidence": 1.0}, r"confidence: expected a value in \(0, 1\)"),
+    ({"max_loss": float("nan")}, r"max_loss: expected a fraction in \[0, 1\), got nan"),
+    ({"max_loss": 0.1, "seed": -1}, "seed: expected >= 0, got -1"),
 ])
 def test_smallest_budget_rejects_bad_arguments_by_name(kwargs, match):
     fit = fit_power_law(TOKENS, law(12.0, -0.25), n_bootstrap=0)
     with pytest.raises(ValueError, match=match):
         smallest_budget(fit, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target": "1.2"}, "target: expected a number, got '1.2'"),
+    ({"max_loss": "0.1"}, "max_loss: expected a number, got '0.1'"),
+    ({"max_loss": 0.1, "n_bootstrap": 2.5}, "n_bootstrap: expected an integer >= 0, got 2.5"),
+    ({"max_loss": 0.1, "confidence": "95%"}, "confidence: expected a number, got '95%'"),
+])
+def test_smallest_budget_rejects_arguments_of_the_wrong_type_by_name(kwargs, match):
+    fit = fit_power_law(TOKENS, law(12.0, -0.25), n_bootstrap=0)
+    with pytest.raises(TypeError, match=match):
+        smallest_budget(fit, **kwargs)
+    with pytest.raises(TypeError, match="fit: expected a PowerLawFit, got dict"):
+        smallest_budget(fit.to_dict(), max_loss=0.1)
 
 
 def test_docs_flat_data_block_prints_what_it_says():

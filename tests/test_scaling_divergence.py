@@ -115,10 +115,21 @@ def test_divergence_statistics_rejects_bad_input():
         divergence_statistics([np.ones((2, 3)), np.ones((2, 4))])
     with pytest.raises(ValueError, match="differences: every array has 0 steps"):
         divergence_statistics([np.ones((0, 3))])
-    with pytest.raises(ValueError, match="r_star: expected > 0, got 0"):
+    with pytest.raises(ValueError, match="r_star: expected a finite number > 0, got 0"):
         divergence_statistics([np.ones((2, 3))], r_star=0)
-    with pytest.raises(ValueError, match="eps: expected > 0"):
+    with pytest.raises(ValueError, match="eps: expected a finite number > 0, got -1.0"):
         divergence_statistics([np.ones((2, 3))], eps=-1.0)
+    # NaN would silently never meet the plateau test, and infinity always meet the ratio test.
+    with pytest.raises(ValueError, match="eps: expected a finite number > 0, got nan"):
+        divergence_statistics([np.ones((2, 3))], eps=float("nan"))
+    with pytest.raises(ValueError, match="r_star: expected a finite number > 0, got inf"):
+        divergence_statistics([np.ones((2, 3))], r_star=float("inf"))
+    with pytest.raises(TypeError, match="r_star: expected a number, got '1'"):
+        divergence_statistics([np.ones((2, 3))], r_star="1")
+    with pytest.raises(TypeError, match="differences: expected a sequence of .* arrays, one per pair, got ndarray"):
+        divergence_statistics(np.ones((2, 3)))
+    with pytest.raises(TypeError, match=r"differences\[1\]: expected a \(T, D\) array of numbers, got dtype <U1"):
+        divergence_statistics([np.ones((2, 3)), [["a", "b", "c"]]])
 
 
 # ---------------------------------------------------------------- divergence of a real causal LM
@@ -220,6 +231,11 @@ def test_branch_divergence_rejects_bad_pairs(tiny_lm):
         branch_divergence(model, tokenizer, PAIRS, max_len=0, progress=False)
     with pytest.raises(ValueError, match="batch_size: expected >= 1, got 0"):
         branch_divergence(model, tokenizer, PAIRS, batch_size=0, progress=False)
+    with pytest.raises(TypeError, match=r"max_len: expected an integer >= 1, got 8.5"):
+        branch_divergence(model, tokenizer, PAIRS, max_len=8.5, progress=False)
+    # The thresholds are checked before anything runs: here neither model nor tokenizer is usable.
+    with pytest.raises(ValueError, match="eps: expected a finite number > 0, got 0"):
+        branch_divergence(None, None, PAIRS, eps=0, progress=False)
 
 
 def test_cli_divergence_prints_statistics_and_writes_plot_and_json(tiny_lm_dir, tmp_path, capsys):

@@ -27,3 +27,9 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
         write_atomically(path, half_written)
     assert path.read_bytes() == b"old figure"
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_a_missing_directory_is_named_with_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"path: no directory '.*missing' to write '.*missing/fits.json' in"):
+        write_json({}, tmp_path / "missing" / "fits.json")
+    assert list(tmp_path.iterdir()) == []

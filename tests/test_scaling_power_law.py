@@ -99,6 +99,10 @@ def test_tokens_for_an_unreachable_score_raises():
         fit.tokens_for(1e300)
     with pytest.raises(ValueError, match="num_tokens: expected finite values > 0"):
         fit.predict(0)
+    with pytest.raises(TypeError, match="num_tokens: expected numbers, got 'a'"):
+        fit.predict("a")
+    with pytest.raises(TypeError, match=r"score: expected numbers, got \[None\]"):
+        fit.tokens_for([None])
 
 
 @pytest.mark.parametrize("num_tokens, scores, kwargs, error, match", [
@@ -112,6 +116,9 @@ def test_tokens_for_an_unreachable_score_raises():
     (["a", "b", "c"], [1, 2, 3], {}, TypeError, r"num_tokens: expected numbers"),
     ([1, 2, 3], [[1, 2, 3]], {}, ValueError, r"scores: expected a 1-D sequence of numbers, got shape \(1, 3\)"),
     ([1, 2, 3], [1, 2, 3], {"n_bootstrap": -1}, ValueError, r"n_bootstrap: expected >= 0, got -1"),
+    ([1, 2, 3], [1, 2, 3], {"n_bootstrap": 1.5}, TypeError, r"n_bootstrap: expected an integer >= 0, got 1.5"),
+    ([1, 2, 3], [1, 2, 3], {"n_bootstrap": True}, TypeError, r"n_bootstrap: expected an integer >= 0, got True"),
+    ([1, 2, 3], [1, 2, 3], {"seed": "a"}, TypeError, r"seed: expected an integer >= 0, got 'a'"),
 ])
 def test_bad_inputs_raise_naming_the_argument(num_tokens, scores, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -165,6 +172,34 @@ def test_fit_round_trips_through_json_with_its_points(tmp_path):
     assert loaded["a"].num_tokens == tuple(TOKENS) and len(loaded["a"].scores) == len(TOKENS)
     without_points = {k: v for k, v in fits["a"].to_dict().items() if k not in ("num_tokens", "scores")}
     assert PowerLawFit.from_dict(without_points).num_tokens == ()
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"alpha": "x"}, TypeError, r"data\['alpha'\]: expected a number, got 'x'"),
+    ({"r2": None}, TypeError, r"data\['r2'\]: expected a number, got None"),
+    ({"alpha_ci": [1.0, 2.0, 3.0]}, ValueError, r"data\['alpha_ci'\]: expected 2 values \(low, high\)"),
+    ({"scores": "1, 2"}, TypeError, r"data\['scores'\]: expected a list of numbers, got '1, 2'"),
+    ({"num_points": 7.5}, TypeError, r"data\['num_points'\]: expected an integer >= 0, got 7.5"),
+])
+def test_from_dict_names_a_bad_value(change, error, match):
+    data = {**fit_power_law(TOKENS, law(5.0, -0.3), n_bootstrap=0).to_dict(), **change}
+    with pytest.raises(error, match=match):
+        PowerLawFit.from_dict(data)
+
+
+def test_from_dict_reads_null_as_nan_only_for_n_c_and_the_alpha_interval():
+    data = {**fit_power_law(TOKENS, law(5.0, -0.3), n_bootstrap=0).to_dict(), "n_c": None, "alpha_ci": [None, None]}
+    fit = PowerLawFit.from_dict(data)
+    assert math.isnan(fit.n_c) and all(math.isnan(v) for v in fit.alpha_ci)
+
+
+def test_save_fits_refuses_anything_but_named_fits(tmp_path):
+    fit = fit_power_law(TOKENS, law(5.0, -0.3), n_bootstrap=0)
+    with pytest.raises(TypeError, match=r"fits\['a'\]: expected a PowerLawFit, got dict"):
+        save_fits({"a": fit.to_dict()}, tmp_path / "fits.json")
+    with pytest.raises(TypeError, match=r"fits: expected a mapping \{name: PowerLawFit\}, got list"):
+        save_fits([fit], tmp_path / "fits.json")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_fits_names_the_bad_entry(tmp_path):

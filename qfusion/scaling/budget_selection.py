@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qfusion.scaling.checks import count, number
 from qfusion.scaling.power_law import PowerLawFit, solve_log_space, warn_if_poor
 
 
@@ -88,13 +89,12 @@ def smallest_budget(fit: PowerLawFit, *, target: float | None = None, max_loss: 
     if (target is None) == (max_loss is None):
         raise ValueError(f"target, max_loss: expected exactly one of them, got target={target!r}, "
                          f"max_loss={max_loss!r}")
-    if target is not None and not (math.isfinite(target) and target > 0):
+    if target is not None and not (math.isfinite(number(target, "target")) and target > 0):
         raise ValueError(f"target: expected a finite score > 0 (the law only takes values > 0), got {target!r}")
-    if max_loss is not None and not (0 <= max_loss < 1):
+    if max_loss is not None and not (0 <= number(max_loss, "max_loss") < 1):
         raise ValueError(f"max_loss: expected a fraction in [0, 1), got {max_loss!r}")
-    if n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap: expected >= 0, got {n_bootstrap!r}")
-    if not 0 < confidence < 1:
+    n_bootstrap, seed = count(n_bootstrap, "n_bootstrap"), count(seed, "seed")
+    if not 0 < number(confidence, "confidence") < 1:
         raise ValueError(f"confidence: expected a value in (0, 1), got {confidence!r}")
     warn_if_poor(fit, "smallest_budget")
     n, p = np.asarray(fit.num_tokens, dtype=np.float64), np.asarray(fit.scores, dtype=np.float64)

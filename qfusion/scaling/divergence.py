@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from qfusion.scaling.checks import count, positive
+
 
 @dataclass(frozen=True, eq=False)
 class DivergenceResult:
@@ -65,17 +67,21 @@ def divergence_statistics(differences: Sequence, *, r_star: float = 1.0, eps: fl
     >>> result.rho.round(4).tolist()  # cos(d1, d2) = cos(d1, d3) = 1/√2, cos(d2, d3) = 0
     [0.0, 0.7071, 0.4714]
     """
+    if not isinstance(differences, Sequence):
+        raise TypeError(f"differences: expected a sequence of (T, D) arrays, one per pair, got "
+                        f"{type(differences).__name__}")
     if not differences:
         raise ValueError("differences: expected at least one (T, D) array, got none")
-    arrays = [np.asarray(d, dtype=np.float64) for d in differences]
+    arrays = [np.asarray(d) for d in differences]
+    for i, array in enumerate(arrays):
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"differences[{i}]: expected a (T, D) array of numbers, got dtype {array.dtype}")
+    arrays = [array.astype(np.float64) for array in arrays]
     if any(a.ndim != 2 for a in arrays) or len({a.shape[1] for a in arrays}) != 1:
         raise ValueError(f"differences: expected (T_i, D) arrays with one D, got shapes {[a.shape for a in arrays]}")
     if not all(np.isfinite(a).all() for a in arrays):
         raise ValueError("differences: expected finite values")
-    if r_star <= 0:
-        raise ValueError(f"r_star: expected > 0, got {r_star!r}")
-    if eps <= 0:
-        raise ValueError(f"eps: expected > 0, got {eps!r}")
+    r_star, eps = positive(r_star, "r_star"), positive(eps, "eps")
     t_max = max(len(a) for a in arrays)
     if t_max == 0:
         raise ValueError("differences: every array has 0 steps")
@@ -171,10 +177,8 @@ def branch_divergence(model, tokenizer, pairs: Sequence[tuple[str, str, str]], m
     Runs under ``torch.no_grad()`` in eval mode (the model's mode is restored), on the model's device.
     """
     _check_pairs(pairs)
-    if max_len < 1:
-        raise ValueError(f"max_len: expected >= 1, got {max_len!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected >= 1, got {batch_size!r}")
+    max_len, batch_size = count(max_len, "max_len", minimum=1), count(batch_size, "batch_size", minimum=1)
+    r_star, eps = positive(r_star, "r_star"), positive(eps, "eps")  # before the model runs, not after
 
     sequences = []
     for prompt, chosen, rejected in pairs:

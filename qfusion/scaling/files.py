@@ -16,6 +16,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     removed if ``write`` fails. Returns ``path`` as a Path.
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"path: no directory {str(path.parent)!r} to write {str(path)!r} in")
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         write(temporary)

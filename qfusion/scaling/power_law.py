@@ -25,6 +25,7 @@ from typing import Mapping
 
 import numpy as np
 
+from qfusion.scaling.checks import count, number
 from qfusion.scaling.files import write_json
 from qfusion.scaling.optional import require
 
@@ -91,6 +92,14 @@ def solve_log_space(log_n: np.ndarray, log_p: np.ndarray) -> tuple[float, float]
     return float(alpha), float(beta)
 
 
+def _numbers(values, name: str) -> np.ndarray:
+    """values (a number or an array-like of numbers) as a float64 array, or a TypeError naming the argument."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"{name}: expected numbers, got {values!r}")
+    return array.astype(np.float64)
+
+
 def _r2(observed: np.ndarray, predicted: np.ndarray) -> float:
     """Coefficient of determination of predicted against observed."""
     residual = np.sum((observed - predicted) ** 2)
@@ -143,7 +152,7 @@ class PowerLawFit:
         ...             alpha_ci=(-0.5, -0.5), num_points=4).predict([10, 40])
         array([1., 2.])
         """
-        n = np.asarray(num_tokens, dtype=np.float64)
+        n = _numbers(num_tokens, "num_tokens")
         if not (np.isfinite(n).all() and (n > 0).all()):
             raise ValueError(f"num_tokens: expected finite values > 0, got {num_tokens!r}")
         # Through β rather than N_c, which overflows when |α| is small.
@@ -157,7 +166,7 @@ class PowerLawFit:
         lower-is-better score) the smallest N with P(N) ≤ score. A float for a scalar, a numpy array
         for an array-like. The law only takes positive values, so a score ≤ 0 is out of reach.
         """
-        s = np.asarray(score, dtype=np.float64)
+        s = _numbers(score, "score")
         if not np.isfinite(s).all():
             raise ValueError(f"score: expected finite values, got {score!r}")
         if (s <= 0).any():
@@ -184,13 +193,25 @@ class PowerLawFit:
         missing = [key for key in required if key not in data]
         if missing:
             raise ValueError(f"data: expected the keys {list(required)} of a fit, missing {missing}")
-        low, high = (math.nan if v is None else float(v) for v in data["alpha_ci"])
-        points = tuple(float(v) for v in data.get("num_tokens", ())), tuple(float(v) for v in data.get("scores", ()))
-        if len(points[0]) != len(points[1]):
-            raise ValueError(f"data: num_tokens and scores differ in length ({len(points[0])} and {len(points[1])})")
-        return cls(n_c=math.nan if data["n_c"] is None else float(data["n_c"]), alpha=float(data["alpha"]),
-                   beta=float(data["beta"]), r2=float(data["r2"]), r2_score_space=float(data["r2_score_space"]),
-                   alpha_ci=(low, high), num_points=int(data["num_points"]), num_tokens=points[0], scores=points[1])
+
+        def value(key, nullable=False):  # N_c and the α interval may be NaN, which cleaned JSON writes as null
+            return math.nan if nullable and data[key] is None else number(data[key], f"data[{key!r}]")
+
+        def values(key, nullable=False, default=None):
+            given = data.get(key, default)
+            if not isinstance(given, (list, tuple)):
+                raise TypeError(f"data[{key!r}]: expected a list of numbers, got {given!r}")
+            return tuple(math.nan if nullable and v is None else number(v, f"data[{key!r}]") for v in given)
+
+        alpha_ci = values("alpha_ci", nullable=True)
+        num_tokens, scores = values("num_tokens", default=()), values("scores", default=())
+        if len(alpha_ci) != 2:
+            raise ValueError(f"data['alpha_ci']: expected 2 values (low, high), got {data['alpha_ci']!r}")
+        if len(num_tokens) != len(scores):
+            raise ValueError(f"data: num_tokens and scores differ in length ({len(num_tokens)} and {len(scores)})")
+        return cls(n_c=value("n_c", nullable=True), alpha=value("alpha"), beta=value("beta"), r2=value("r2"),
+                   r2_score_space=value("r2_score_space"), alpha_ci=alpha_ci,
+                   num_points=count(data["num_points"], "data['num_points']"), num_tokens=num_tokens, scores=scores)
 
 
 def fit_power_law(num_tokens, scores, *, n_bootstrap: int = 1000, seed: int = 0) -> PowerLawFit:
@@ -223,8 +244,7 @@ def fit_power_law(num_tokens, scores, *, n_bootstrap: int = 1000, seed: int = 0)
         raise ValueError(f"num_tokens: expected at least 3 points, got {len(n)}")
     if len(np.unique(n)) < 2:
         raise ValueError(f"num_tokens: expected at least two distinct values, got {np.unique(n).tolist()}")
-    if n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap: expected >= 0, got {n_bootstrap!r}")
+    n_bootstrap, seed = count(n_bootstrap, "n_bootstrap"), count(seed, "seed")
 
     log_n, log_p = np.log(n), np.log(p)
     alpha, beta = solve_log_space(log_n, log_p)
@@ -251,6 +271,11 @@ def fit_power_law(num_tokens, scores, *, n_bootstrap: int = 1000, seed: int = 0)
 
 def save_fits(fits: Mapping[str, PowerLawFit], path: str | os.PathLike) -> Path:
     """Write named fits as JSON, {name: fit.to_dict()} (what ``qfusion fit --json`` writes), atomically."""
+    if not isinstance(fits, Mapping):
+        raise TypeError(f"fits: expected a mapping {{name: PowerLawFit}}, got {type(fits).__name__}")
+    for name, fit in fits.items():
+        if not isinstance(fit, PowerLawFit):
+            raise TypeError(f"fits[{name!r}]: expected a PowerLawFit, got {type(fit).__name__}")
     return write_json({name: fit.to_dict() for name, fit in fits.items()}, path)
 
 
