@@ -52,6 +52,7 @@ import random
 import re
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -74,7 +75,7 @@ from qfusion.config import RUNTIME_FIELDS
 from qfusion.budget import Budget
 from qfusion.inputs import decode_questions
 from qfusion.losses import contrastive_loss, generation_loss, identity_loss
-from qfusion.scaling import fit_power_law, plot_scaling, save_fits
+from qfusion.scaling import PoorFitWarning, fit_power_law, plot_scaling, save_fits
 
 STAGES = ("align", "generate", "elastic", "eval", "sweep")
 MODES = ("question", "no_question")
@@ -762,13 +763,15 @@ def sweep_budgets(cfg: TrainConfig) -> list[tuple[int, int]]:
 def fit_series(rows: list[dict], metric: str, bootstrap: int) -> tuple[dict, dict]:
     """(fits, reasons): P(N) fitted per series of rows on ``metric`` (``bootstrap`` resamples for the α
     interval); a series that cannot be fitted (fewer than 3 budgets, a zero score, no power law) is
-    left out with the reason."""
+    left out with the reason. A poor fit is kept (the sweep prints it with its flag, by series)."""
     fits, reasons = {}, {}
     for series in dict.fromkeys(row["series"] for row in rows):
         chosen = [row for row in rows if row["series"] == series]
         try:
-            fits[series] = fit_power_law([row["tokens"] for row in chosen], [row[metric] for row in chosen],
-                                         n_bootstrap=bootstrap)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PoorFitWarning)
+                fits[series] = fit_power_law([row["tokens"] for row in chosen], [row[metric] for row in chosen],
+                                             n_bootstrap=bootstrap)
         except ValueError as error:
             reasons[series] = str(error)
     return fits, reasons
@@ -803,6 +806,9 @@ def run_sweep(cfg: TrainConfig) -> dict:
             plot_scaling(plotted, out_dir / "scaling.png", ylabel=f"{cfg.sweep.metric} (%)")
         for series, reason in reasons.items():
             print(f"sweep: no power law fitted for {series!r}: {reason}")
+        for series, fit in fits.items():
+            if fit.poor:
+                print(f"sweep: poor fit for {series!r}: {fit}")
     return summary
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 
 def _add_demo(subparsers) -> None:
@@ -17,6 +19,13 @@ def _run_demo(args) -> int:
     from qfusion.demo import run_demo
 
     return run_demo(quick=args.quick, out_dir=args.out)
+
+
+def _check_outputs(**paths: str | None) -> None:
+    """Raise ValueError naming the option whose file would go into a missing directory (before any work)."""
+    for option, path in paths.items():
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"--{option}: no directory {str(Path(path).parent)!r} to write {path!r} in")
 
 
 def _add_fit(subparsers) -> None:
@@ -33,22 +42,32 @@ def _add_fit(subparsers) -> None:
 
 
 def _run_fit(args) -> int:
-    from qfusion.scaling import fit_power_law, load_points_csv, plot_scaling, save_fits
+    from qfusion.scaling import POOR_FIT_R2, PoorFitWarning, fit_power_law, load_points_csv, plot_scaling, save_fits
+    from qfusion.scaling.optional import require
 
     try:
+        _check_outputs(plot=args.plot, json=args.json)
+        if args.plot:  # before the fits, so that a missing matplotlib costs no work
+            require("matplotlib.figure", "qfusion fit --plot")
         points = load_points_csv(args.csv, x=args.x, y=args.y, group=args.group)
-        fits = {name: fit_power_law(n, p, n_bootstrap=args.bootstrap, seed=args.seed)
-                for name, (n, p) in points.items()}
-    except ValueError as error:
+        with warnings.catch_warnings():  # a poor fit is flagged in its row instead
+            warnings.simplefilter("ignore", PoorFitWarning)
+            fits = {name: fit_power_law(n, p, n_bootstrap=args.bootstrap, seed=args.seed)
+                    for name, (n, p) in points.items()}
+    except (ImportError, ValueError) as error:
         print(f"qfusion fit: {error}", file=sys.stderr)
         return 1
     width = max(len("series"), *(len(name) for name in fits))
     print(f"{'series':<{width}}  {'N_c':>10}  {'alpha':>8}  {'alpha 95% CI':>19}  {'R2 (log)':>8}  "
-          f"{'R2 (score)':>10}  {'points':>6}")
+          f"{'R2 (score)':>10}  {'points':>6}  note")
     for name, fit in fits.items():
         low, high = fit.alpha_ci
+        note = "poor fit" if fit.poor else ""
         print(f"{name:<{width}}  {fit.n_c:>10.4g}  {fit.alpha:>8.4f}  {f'[{low:.4f}, {high:.4f}]':>19}  "
-              f"{fit.r2:>8.4f}  {fit.r2_score_space:>10.4f}  {fit.num_points:>6}")
+              f"{fit.r2:>8.4f}  {fit.r2_score_space:>10.4f}  {fit.num_points:>6}  {note}".rstrip())
+    if any(fit.poor for fit in fits.values()):
+        print(f"poor fit: R2 (log) below {POOR_FIT_R2:g}, the points do not follow P(N) = (N_c / N)^alpha closely; "
+              "N or scores read from the law can be far from the measured ones")
     if args.plot:
         plot_scaling({name: (*points[name], fit) for name, fit in fits.items()}, args.plot, ylabel=args.y)
         print(f"plot: {args.plot}")
@@ -64,8 +83,9 @@ def _add_budget(subparsers) -> None:
     p.add_argument("fits", help="JSON file of fits, {series: fit} (qfusion fit --json)")
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target", type=float, help="the score to reach, in the fitted scores' units")
-    goal.add_argument("--max-loss", type=float, help="the fraction of the score at the largest budget measured that "
-                                                      "may be given up, e.g. 0.02")
+    goal.add_argument("--max-loss", type=float, help="the fraction of the score measured at the largest budget "
+                                                      "that may be given up, e.g. 0.02 (needs the measured points, "
+                                                      "which qfusion fit --json keeps with each fit)")
     p.add_argument("--series", nargs="+", default=None, help="only these series (default: all in the file)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the interval of N")
     p.add_argument("--confidence", type=float, default=0.95, help="coverage of the interval (default: 0.95)")
@@ -75,19 +95,26 @@ def _add_budget(subparsers) -> None:
 
 
 def _run_budget(args) -> int:
-    import json
-
-    from qfusion.scaling import load_fits, smallest_budget
+    from qfusion.scaling import POOR_FIT_R2, PoorFitWarning, load_fits, smallest_budget
+    from qfusion.scaling.files import write_json
 
     try:
+        _check_outputs(json=args.json)
         fits = load_fits(args.fits)
         unknown = [name for name in args.series or () if name not in fits]
         if unknown:
             raise ValueError(f"--series: no series {unknown} in {args.fits!r}; it has {list(fits)}")
-        choices = {name: smallest_budget(fits[name], target=args.target, max_loss=args.max_loss,
-                                         n_bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence)
-                   for name in args.series or fits}
-    except (OSError, ValueError) as error:
+        pointless = [name for name in args.series or fits if not fits[name].num_tokens]
+        if args.max_loss is not None and pointless:
+            raise ValueError(f"--max-loss: the fits of series {pointless} in {args.fits!r} carry no measured points "
+                             "(an older qfusion fit wrote them without), so the score measured at the largest budget "
+                             "is unknown; refit them with qfusion fit, or give --target")
+        with warnings.catch_warnings():  # a budget from a poor fit is flagged in its row instead
+            warnings.simplefilter("ignore", PoorFitWarning)
+            choices = {name: smallest_budget(fits[name], target=args.target, max_loss=args.max_loss,
+                                             n_bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence)
+                       for name in args.series or fits}
+    except (ImportError, OSError, ValueError) as error:
         print(f"qfusion budget: {error}", file=sys.stderr)
         return 1
     width = max(len("series"), *(len(name) for name in choices))
@@ -98,14 +125,17 @@ def _run_budget(args) -> int:
         low, high = choice.interval
         interval = "n/a" if low is None else f"[{low}, {high}]"
         measured = "n/a" if choice.measured_range is None else "{:g}..{:g}".format(*choice.measured_range)
-        note = "extrapolated" if choice.extrapolated else ""
-        if choice.measured_range is None:
-            note = "fit has no points: no interval"
+        notes = ["extrapolated" if choice.extrapolated else "",
+                 "fit has no points: no interval" if choice.measured_range is None else "",
+                 f"poor fit (R2 {fits[name].r2:.3f})" if choice.poor_fit else ""]
+        note = "; ".join(text for text in notes if text)
         print(f"{name:<{width}}  {choice.target:>10.4g}  {choice.num_tokens:>7}  {interval:>16}  "
               f"{choice.predicted:>10.4g}  {measured:>13}  {note}".rstrip())
+    if any(choice.poor_fit for choice in choices.values()):
+        print(f"poor fit: R2 (log) below {POOR_FIT_R2:g}; N comes from a law that does not describe the measured "
+              "points closely: check it against them")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({name: choice.to_dict() for name, choice in choices.items()}, handle, indent=2)
+        write_json({name: choice.to_dict() for name, choice in choices.items()}, args.json)
         print(f"json: {args.json}")
     return 0
 
@@ -147,15 +177,18 @@ def _read_pairs(path: str) -> list[tuple[str, str, str]]:
 
 
 def _run_divergence(args) -> int:
-    import json
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qfusion.scaling import branch_divergence, plot_divergence
+    from qfusion.scaling.files import write_json
+    from qfusion.scaling.optional import require
 
     try:
+        _check_outputs(plot=args.plot, json=args.json)
+        if args.plot:  # before the model runs, so that a missing matplotlib costs no work
+            require("matplotlib.figure", "qfusion divergence --plot")
         pairs = _read_pairs(args.pairs)
-    except ValueError as error:
+    except (ImportError, ValueError) as error:
         print(f"qfusion divergence: {error}", file=sys.stderr)
         return 1
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -177,8 +210,7 @@ def _run_divergence(args) -> int:
         plot_divergence(result, args.plot)
         print(f"plot: {args.plot}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result.to_dict(), handle, indent=2)
+        write_json(result.to_dict(), args.json)
         print(f"json: {args.json}")
     return 0
 

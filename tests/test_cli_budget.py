@@ -53,6 +53,36 @@ def test_budget_reads_what_qfusion_fit_writes(tmp_path, capsys):
     assert set(rows(capsys.readouterr().out)) == {"score"}
 
 
+def test_max_loss_target_on_flat_data_is_relative_to_the_measured_score(tmp_path, capsys):
+    # Rising up to N = 4, flat from there: the law overshoots at N = 16 (48.97), no measured score exceeds 45.3.
+    csv = tmp_path / "flat.csv"
+    csv.write_text("tokens,score\n1,30.0\n2,38.5\n4,44.9\n8,45.3\n16,45.1\n")
+    assert main(["fit", str(csv), "--json", str(tmp_path / "fits.json")]) == 0
+    capsys.readouterr()
+    assert main(["budget", str(tmp_path / "fits.json"), "--max-loss", "0.02", "--bootstrap", "200"]) == 0
+    printed = capsys.readouterr().out
+    row = rows(printed)["score"]
+    assert float(row.split()[1]) == pytest.approx(0.98 * 45.1, abs=5e-3)  # printed to 4 digits: 44.2
+    assert row.split()[2] == "8"
+    # R² 0.752: the law is a poor description of these points, and the row says so.
+    assert row.endswith("poor fit (R2 0.752)")
+    assert printed.splitlines()[-1] == ("poor fit: R2 (log) below 0.9; N comes from a law that does not describe "
+                                        "the measured points closely: check it against them")
+
+
+def test_a_fits_file_without_measured_points_takes_a_target_but_not_a_relative_loss(fits_json, capsys):
+    data = json.loads(fits_json.read_text())
+    for fit in data.values():  # as qfusion fit --json wrote them before the points were kept
+        del fit["num_tokens"], fit["scores"]
+    fits_json.write_text(json.dumps(data))
+    assert main(["budget", str(fits_json), "--target", "1.0", "--series", "vqa"]) == 0
+    assert rows(capsys.readouterr().out)["vqa"].endswith("fit has no points: no interval")
+    assert main(["budget", str(fits_json), "--max-loss", "0.02"]) == 1
+    err = capsys.readouterr().err
+    assert f"qfusion budget: --max-loss: the fits of series ['vqa', 'pope'] in {str(fits_json)!r} carry no " in err
+    assert "refit them with qfusion fit, or give --target" in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--max-loss", "0.02", "--series", "gqa"], "qfusion budget: --series: no series ['gqa']"),
     (["--max-loss", "1.5"], "qfusion budget: max_loss: expected a fraction in [0, 1), got 1.5"),
@@ -61,6 +91,24 @@ def test_budget_reads_what_qfusion_fit_writes(tmp_path, capsys):
 def test_budget_reports_bad_input_without_a_traceback(fits_json, argv, message, capsys):
     assert main(["budget", str(fits_json), *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_output_files_in_a_missing_directory_are_refused_before_any_work(fits_json, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert main(["budget", str(fits_json), "--max-loss", "0.02", "--json", str(missing / "b.json")]) == 1
+    assert f"qfusion budget: --json: no directory {str(missing)!r}" in capsys.readouterr().err
+    csv = tmp_path / "scores.csv"
+    csv.write_text("tokens,score\n16,0.5\n64,0.6\n256,0.7\n")
+    assert main(["fit", str(csv), "--plot", str(missing / "fit.png")]) == 1
+    captured = capsys.readouterr()
+    assert f"qfusion fit: --plot: no directory {str(missing)!r}" in captured.err and captured.out == ""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "what", "chosen": "blue", "rejected": "red"}\n')
+    # The model directory does not exist either: the check comes first, so the model is never loaded.
+    assert main(["divergence", "--model", str(tmp_path / "no-model"), "--pairs", str(pairs),
+                 "--json", str(missing / "div.json")]) == 1
+    assert f"qfusion divergence: --json: no directory {str(missing)!r}" in capsys.readouterr().err
+    assert not missing.exists()
 
 
 def test_budget_needs_exactly_one_goal_and_a_readable_file(fits_json, tmp_path, capsys):
@@ -75,7 +123,7 @@ def test_budget_needs_exactly_one_goal_and_a_readable_file(fits_json, tmp_path, 
 def test_docs_budget_block_prints_what_the_api_gives(capsys):
     from readme_blocks import python_blocks
 
-    (block,) = [b for b in python_blocks("Scaling analysis", "docs/scaling.md") if "smallest_budget" in b]
+    (block,) = [b for b in python_blocks("Scaling analysis", "docs/scaling.md") if "max_loss=0.05" in b]
     exec(compile(block, "docs/scaling.md (Scaling analysis)", "exec"), {})
     fit = fit_power_law([16, 64, 256, 576], [0.60, 0.72, 0.86, 0.94])
     choice = smallest_budget(fit, max_loss=0.05)

@@ -1,4 +1,6 @@
 import json
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from qfusion.demo.data import (ANSWER_LEN, CELLS, DIGIT_IDS, QUESTION_TYPES, REG
                                sample_grids)
 from qfusion.demo.lm import IGNORE, QUESTION_LEN, lm_text  # noqa: E402
 from qfusion.demo.reconstruction import reconstruction_loss  # noqa: E402
-from qfusion.demo.report import fit_modes, fusion_gain, honesty, summarize  # noqa: E402
+from qfusion.demo.report import fit_modes, format_fits, fusion_gain, honesty, summarize  # noqa: E402
 from qfusion.demo.train import cell_views  # noqa: E402
 
 BUDGETS = (1, 2, 3, 4, 6, 9, 16)
@@ -106,6 +108,28 @@ def test_fits_use_the_rising_range_of_each_type():
     assert fits["fused"]["block"]["rising"]["budgets"] == [1, 2, 3, 4]
     assert "error" in fits["fused"]["cell"]["rising"]  # one budget: a cell answer needs one token
     assert fits["fused"]["line"]["rising"]["alpha"] < 0
+
+
+def test_printed_fits_flag_the_poor_ones_and_fitting_them_warns_nothing():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fits = fit_modes(summarize(synthetic_runs(), BUDGETS), BUDGETS)
+    lines = format_fits(fits).splitlines()
+    assert lines[0].endswith("poor fit: R2 (log) < 0.9):")
+    rising, over_all_n = next(line for line in lines if "question fused, line" in line).split(";  all ")
+    assert rising.endswith("R2 (log) = 0.990")  # 0.990 >= 0.9
+    assert over_all_n.endswith("R2 (log) = 0.797 (poor fit)")
+
+
+@pytest.mark.parametrize("module", ["scipy.optimize", "matplotlib.figure"])
+def test_a_missing_fitting_or_plotting_library_is_named_with_the_extra_before_any_training(module, tmp_path,
+                                                                                          monkeypatch):
+    from qfusion.demo import run_demo
+
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=rf"the qfusion demo needs '{module}', .*pip install 'qfusion\[demo\]'"):
+        run_demo(quick=True, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_quick_demo_compressors_learn_above_chance(tmp_path, capsys):

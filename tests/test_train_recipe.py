@@ -346,7 +346,7 @@ def test_eval_scores_the_known_answers_of_a_plugin_exactly(workspace):
     assert points["question"][1].tolist() == pytest.approx([first["all"]["vqa_match"], second["all"]["vqa_match"]])
 
 
-def test_sweep_trains_and_evaluates_every_budget_in_both_modes_and_fits_the_law(workspace):
+def test_sweep_trains_and_evaluates_every_budget_in_both_modes_and_fits_the_law(workspace, capsys):
     out = workspace / "sweep"
     run(workspace, "--stage", "sweep", "--output-dir", str(out), "--set", "sweep.budgets=[1, 2, 4]",
         "--set", "sweep.fraction=1.0", "--set", "optim.max_steps=12", "--set", "optim.lr=1e-3",
@@ -361,6 +361,7 @@ def test_sweep_trains_and_evaluates_every_budget_in_both_modes_and_fits_the_law(
         evaluation = json.loads((out / name / "eval.json").read_text())
         assert [(b["m"], b["n"]) for b in evaluation["budgets"]] == [(entry["m"], entry["n"])]
         assert evaluation["budgets"][0]["all"] == entry["all"]
+    printed = capsys.readouterr().out
     fits = load_fits(out / "fits.json")  # what `qfusion budget` reads
     assert set(fits) | set(summary["unfitted"]) == {"question", "question:color", "question:yesno", "no_question",
                                                     "no_question:color", "no_question:yesno"}
@@ -370,6 +371,7 @@ def test_sweep_trains_and_evaluates_every_budget_in_both_modes_and_fits_the_law(
         runs = [r for r in summary["runs"] if r["mode"] == mode]
         assert list(fit.num_tokens) == [1.0, 2.0, 4.0]
         assert list(fit.scores) == [(r["by_type"][kind] if kind else r["all"])["vqa_match"] for r in runs]
+        assert (f"sweep: poor fit for {series!r}: {fit}" in printed) == fit.poor
     budget = subprocess.run([sys.executable, "-m", "qfusion", "budget", str(out / "fits.json"), "--max-loss", "0.1",
                              "--bootstrap", "20"], capture_output=True, text=True, timeout=120)
     assert budget.returncode == 0, budget.stderr

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+from qfusion.demo.data import require
 
 
 def reconstruction_loss(tokens: Tensor, cells: Tensor, evidence: Tensor) -> Tensor:
@@ -35,6 +36,7 @@ def reconstruction_loss(tokens: Tensor, cells: Tensor, evidence: Tensor) -> Tens
     cost = torch.cdist(tokens, cells).pow(2) / cells.pow(2).sum(-1).mean()  # (S, N, 9)
     cost = cost.masked_fill(~evidence[:, None, :], float("inf"))
     target = cost.argmin(-1)  # (S, N): nearest target cell, kept for slots the assignment leaves over
+    linear_sum_assignment = require("scipy.optimize").linear_sum_assignment
     numpy_cost = cost.detach().numpy()
     for s in range(cost.shape[0]):
         targets = np.flatnonzero(evidence[s].numpy())

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from qfusion.demo.data import QUESTION_TYPES
-from qfusion.scaling import fit_power_law
+from qfusion.demo.data import QUESTION_TYPES, require
+from qfusion.scaling import POOR_FIT_R2, PoorFitWarning, PowerLawFit, fit_power_law
 
 MODES = {"fused": "question fused", "plain": "no question"}
 ALL = "all"  # no compression: the LM reads the 9 cell tokens
@@ -43,9 +42,16 @@ def summarize(runs: list[dict], budgets: tuple[int, ...]) -> dict:
 
 def _fit(budgets: list[int], scores: list[float]) -> dict:
     try:
-        return {"budgets": budgets, **fit_power_law(budgets, scores).to_dict()}
+        with warnings.catch_warnings():  # the printed fits and the figure flag a poor fit
+            warnings.simplefilter("ignore", PoorFitWarning)
+            return {"budgets": budgets, **fit_power_law(budgets, scores).to_dict()}
     except ValueError as error:
         return {"budgets": budgets, "error": str(error)}
+
+
+def _poor(fit: dict) -> str:
+    """' (poor fit)' for a fit whose R² is below the scaling analysis's threshold, else ''."""
+    return " (poor fit)" if PowerLawFit.from_dict(fit).poor else ""
 
 
 def fit_modes(summary: dict, budgets: tuple[int, ...]) -> dict:
@@ -141,12 +147,16 @@ def _fit_text(fit: dict) -> str:
         return f"{span}: no fit ({fit['error']})"
     low, high = fit["alpha_ci"]
     return (f"{span}: alpha = {fit['alpha']:.3f} [{low:.3f}, {high:.3f}], N_c = {fit['n_c']:.3g}, "
-            f"R2 (log) = {fit['r2']:.3f}")
+            f"R2 (log) = {fit['r2']:.3f}{_poor(fit)}")
 
 
 def format_fits(fits: dict) -> str:
-    """One line per mode and type: α, its bootstrap interval, N_c and log-space R², rising range and all N."""
-    lines = ["power law P(N) = (N_c / N)^alpha on digit accuracy (alpha with its 95% bootstrap interval):"]
+    """One line per mode and type: α, its bootstrap interval, N_c and log-space R², rising range and all N.
+
+    A fit with R² below :data:`qfusion.scaling.POOR_FIT_R2` is marked "(poor fit)".
+    """
+    lines = [f"power law P(N) = (N_c / N)^alpha on digit accuracy (alpha with its 95% bootstrap interval; "
+             f"poor fit: R2 (log) < {POOR_FIT_R2:g}):"]
     for mode, by_kind in fits.items():
         for kind, fit in by_kind.items():
             lines.append(f"  {MODES[mode]:>14}, {kind:<5}  rising {_fit_text(fit['rising'])};  "
@@ -187,8 +197,8 @@ def format_honesty(check: dict) -> str:
 def plot(summary: dict, fits: dict, chance: dict, budgets: tuple[int, ...], path: Path) -> Path:
     """Digit accuracy vs N, one panel per question type: both modes (mean ± std), the fused rising-range
     power law, the uncompressed baseline and chance."""
-    figure = Figure(figsize=(12.0, 4.0))
-    FigureCanvasAgg(figure)
+    figure = require("matplotlib.figure").Figure(figsize=(12.0, 4.0))
+    require("matplotlib.backends.backend_agg").FigureCanvasAgg(figure)
     n = np.array(budgets, dtype=float)
     for index, (kind, axes) in enumerate(zip(QUESTION_TYPES, figure.subplots(1, len(QUESTION_TYPES), sharey=True))):
         for color, (mode, label) in enumerate(MODES.items()):
@@ -199,7 +209,7 @@ def plot(summary: dict, fits: dict, chance: dict, budgets: tuple[int, ...], path
         if "error" not in fit:
             grid = np.geomspace(min(fit["budgets"]), max(fit["budgets"]), 100)
             axes.plot(grid, np.exp(fit["beta"] - fit["alpha"] * np.log(grid)), "--", color="C0",
-                      label=f"fused fit: α = {fit['alpha']:.2f}, R² = {fit['r2']:.2f}")
+                      label=f"fused fit: α = {fit['alpha']:.2f}, R² = {fit['r2']:.2f}{_poor(fit)}")
         axes.axhline(summary["plain"][ALL][kind]["mean"], color="black", linestyle="--", linewidth=1,
                      label="no compression (9 cell tokens)")
         axes.axhline(chance[kind], color="grey", linestyle=":", linewidth=1, label="chance")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from qfusion.demo.answers import encode_digits
-from qfusion.demo.data import QUESTION_TYPES, load_pools, sample_grids
+from qfusion.demo.data import QUESTION_TYPES, load_pools, require, sample_grids
 from qfusion.demo.evaluate import evaluate
 from qfusion.demo.recipe import FULL, QUICK, Recipe
 from qfusion.demo.report import (ALL, MODES, fit_modes, format_fits, format_gain, format_honesty, format_table,
@@ -65,6 +65,8 @@ def run_demo(quick: bool = False, out_dir: str | os.PathLike = "demo_out") -> in
         compressors learn, well above chance, but not to the full run's level); otherwise three seeds.
     Returns 0; the printed honesty check says whether the gap between the modes is a budget effect.
     """
+    for module in ("scipy.optimize", "matplotlib.figure"):  # needed only after minutes of training: checked first
+        require(module)
     start = time.perf_counter()
     recipe = QUICK if quick else FULL
     out = Path(out_dir)

@@ -1,0 +1,35 @@
+"""qfusion.scaling.files: a file is replaced whole or not at all."""
+
+import json
+
+import pytest
+
+from qfusion.scaling.files import write_atomically, write_json
+
+
+def test_write_json_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "fits.json"
+    path.write_text("old")
+    assert write_json({"a": [1, 2]}, path) == path
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["fits.json"]
+
+
+def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    path = tmp_path / "figure.png"
+    path.write_bytes(b"old figure")
+
+    def half_written(temporary):
+        temporary.write_bytes(b"new fig")
+        raise RuntimeError("the writer failed halfway")
+
+    with pytest.raises(RuntimeError, match="halfway"):
+        write_atomically(path, half_written)
+    assert path.read_bytes() == b"old figure"
+    assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_a_missing_directory_is_named_with_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"path: no directory '.*missing' to write '.*missing/fits.json' in"):
+        write_json({}, tmp_path / "missing" / "fits.json")
+    assert list(tmp_path.iterdir()) == []
