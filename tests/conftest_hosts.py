@@ -268,22 +268,29 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def qwen_tokenizer():
-    """A word-level fast tokenizer with Qwen's chat and vision special tokens (<|image_pad|> at id 4)."""
+def word_tokenizer(words: list[str], chat_template: str, image_token: str, **special):
+    """A word-level fast tokenizer over ``words`` (filled up to :data:`VOCAB` with filler words), the
+    tokens of ``special`` (its role names, e.g. ``eos_token``, ``image_token``) as special tokens, and
+    ``image_token`` at :data:`IMAGE_TOKEN_ID`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = QWEN_WORDS + [f"w{i}" for i in range(VOCAB - len(QWEN_WORDS))]
+    words = list(words) + [f"w{i}" for i in range(VOCAB - len(words))]
     backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>",
-                              "im_start_token": "<|im_start|>"},
-    )
-    tok.chat_template = QWEN_CHAT_TEMPLATE
-    assert tok.convert_tokens_to_ids("<|image_pad|>") == IMAGE_TOKEN_ID
+    roles = {k: special.pop(k) for k in ("bos_token", "eos_token", "pad_token") if k in special}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", **roles,
+                                  extra_special_tokens={"image_token": image_token, **special})
+    tok.chat_template = chat_template
+    assert tok.convert_tokens_to_ids(image_token) == IMAGE_TOKEN_ID
+    return tok
+
+
+def qwen_tokenizer():
+    """A word-level fast tokenizer with Qwen's chat and vision special tokens (<|image_pad|> at id 4)."""
+    tok = word_tokenizer(QWEN_WORDS, QWEN_CHAT_TEMPLATE, "<|image_pad|>", eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", video_token="<|video_pad|>", vision_start_token="<|vision_start|>",
+                         vision_end_token="<|vision_end|>", im_start_token="<|im_start|>")
     assert tok.convert_tokens_to_ids("<|vision_end|>") == QWEN_VISION_END_ID
     return tok
 
@@ -544,21 +551,9 @@ GEMMA_CHAT_TEMPLATE = (
 
 def gemma_tokenizer():
     """A word-level fast tokenizer with Gemma's image and turn tokens (<image_soft_token> at id 4)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = GEMMA_SPECIALS + list(WORDS[7:])
-    words += [f"w{i}" for i in range(VOCAB - len(words))]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="[UNK]",
-        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
-                              "eoi_token": "<end_of_image>"},
-    )
-    tok.chat_template = GEMMA_CHAT_TEMPLATE
-    assert tok.convert_tokens_to_ids("<image_soft_token>") == IMAGE_TOKEN_ID
-    return tok
+    return word_tokenizer(GEMMA_SPECIALS + list(WORDS[7:]), GEMMA_CHAT_TEMPLATE, "<image_soft_token>",
+                          bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", boi_token="<start_of_image>",
+                          eoi_token="<end_of_image>")
 
 
 def build_gemma3(directory):
@@ -613,21 +608,9 @@ INTERNVL_SPECIALS = ["<|endoftext|>", "[UNK]", "<|im_start|>", "<|im_end|>", "<I
 
 def internvl_tokenizer():
     """A word-level fast tokenizer with InternVL's image tokens (<IMG_CONTEXT> at id 4, <img>, </img>)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = INTERNVL_SPECIALS + list(WORDS[7:])
-    words += [f"w{i}" for i in range(VOCAB - len(words))]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]",
-        extra_special_tokens={"context_image_token": "<IMG_CONTEXT>", "start_image_token": "<img>",
-                              "end_image_token": "</img>", "video_token": "<video>"},
-    )
-    tok.chat_template = QWEN_CHAT_TEMPLATE
-    assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == IMAGE_TOKEN_ID
-    return tok
+    return word_tokenizer(INTERNVL_SPECIALS + list(WORDS[7:]), QWEN_CHAT_TEMPLATE, "<IMG_CONTEXT>",
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>", context_image_token="<IMG_CONTEXT>",
+                          start_image_token="<img>", end_image_token="</img>", video_token="<video>")
 
 
 def build_internvl(directory):
@@ -671,21 +654,9 @@ IDEFICS_SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>", "<image>", "<fake_token_aro
 
 def idefics_tokenizer():
     """A word-level fast tokenizer with Idefics3's image tokens (<image> at id 4, the markers, row/column tags)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = IDEFICS_SPECIALS + list(WORDS[5:])
-    words += [f"w{i}" for i in range(VOCAB - len(words))]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]",
-        extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-                              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>"},
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    assert tok.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID
-    return tok
+    return word_tokenizer(IDEFICS_SPECIALS + list(WORDS[5:]), CHAT_TEMPLATE, "<image>", bos_token="<s>",
+                          eos_token="</s>", pad_token="[PAD]", fake_image_token="<fake_token_around_image>",
+                          global_image_token="<global-img>", end_of_utterance_token="<end_of_utterance>")
 
 
 def _build_idefics(directory, kind):
@@ -743,21 +714,9 @@ MISTRAL_CHAT_TEMPLATE = (
 
 def mistral_tokenizer():
     """A word-level fast tokenizer with Pixtral's image tokens ([IMG] at id 4, [IMG_BREAK], [IMG_END])."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = MISTRAL_SPECIALS + list(WORDS[7:])
-    words += [f"w{i}" for i in range(VOCAB - len(words))]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="[UNK]",
-        extra_special_tokens={"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
-                              "image_end_token": "[IMG_END]", "inst_token": "[INST]", "end_inst_token": "[/INST]"},
-    )
-    tok.chat_template = MISTRAL_CHAT_TEMPLATE
-    assert tok.convert_tokens_to_ids("[IMG]") == IMAGE_TOKEN_ID
-    return tok
+    return word_tokenizer(MISTRAL_SPECIALS + list(WORDS[7:]), MISTRAL_CHAT_TEMPLATE, "[IMG]", bos_token="<s>",
+                          eos_token="</s>", pad_token="<pad>", image_break_token="[IMG_BREAK]",
+                          image_end_token="[IMG_END]", inst_token="[INST]", end_inst_token="[/INST]")
 
 
 def build_mistral3(directory):
