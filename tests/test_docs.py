@@ -100,15 +100,23 @@ def test_prefill_table_is_printed_from_the_committed_json(monkeypatch):
 
 
 def test_demo_output_on_its_page_is_the_report_of_the_committed_json():
-    from qfusion.demo.report import ALL, format_fits, format_gain, format_honesty, format_table
+    from qfusion.demo.report import format_timing, render
 
     results = json.loads((ROOT / "docs" / "demo_results.json").read_text())
-    budgets = tuple(int(b) for b in results["budgets"] if b != ALL)
-    report = "\n\n".join([format_table(results["summary"], results["chance"], budgets, len(results["recipe"]["seeds"]),
-                                        results["test_questions"]),
-                           format_fits(results["fits"]), format_gain(results["gain"]), format_honesty(results["honesty"])])
+    assert results["quick"] is False and len(results["recipe"]["seeds"]) == 3  # the page shows a full run
     (printed,) = re.findall(r"```text\n(.*?)```", (ROOT / "docs" / "demo.md").read_text(), flags=re.S)
-    assert printed.strip() == report.strip()
+    assert printed.strip() == f"{render(results)}\n{format_timing(results)}"
+
+
+def test_demo_page_states_no_number_its_report_does_not_print():
+    from qfusion.demo.report import format_timing, render
+
+    results = json.loads((ROOT / "docs" / "demo_results.json").read_text())
+    report = f"{render(results)}\n{format_timing(results)}"
+    prose = re.sub(r"```.*?```", "", (ROOT / "docs" / "demo.md").read_text(), flags=re.S)
+    stated = re.findall(r"\d+\.\d+", prose)
+    assert stated, "the page states no result"
+    assert [number for number in stated if number not in report] == []
 
 
 def test_readme_stays_short():

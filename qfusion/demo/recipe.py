@@ -9,7 +9,8 @@ from dataclasses import dataclass
 class Recipe:
     """Every number that sets how long the demo trains and how much it evaluates.
 
-    Both compressors (question fused and not) get the same steps, batches and budgets.
+    Both compressors (question fused and not) get the same steps, batches and budgets. Every m and n
+    of ``conversation_budgets`` is one of ``budgets`` (the compressors are trained at those).
     """
 
     seeds: tuple[int, ...]
@@ -24,9 +25,20 @@ class Recipe:
     test_grids: int  # fixed test grids, from the unseen handwriting pool
     test_questions: int  # questions per test grid
     budgets: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 16)  # N, drawn at random per step (nested slots)
+    random_draws: int = 2  # draws of the random-cells baseline per budget (its accuracy is their mean)
+    # (m, n) of the conversations: m fused tokens for a grid's first question, n for each follow-up
+    conversation_budgets: tuple[tuple[int, int], ...] = ((4, 1), (4, 2), (4, 4), (9, 1), (9, 2), (9, 4))
     lm_lr: float = 3e-3
     fusion_lr: float = 1e-3
     workers: int = 2
+
+    def __post_init__(self) -> None:
+        for m, n in self.conversation_budgets:
+            if not (m in self.budgets and n in self.budgets and n <= m):
+                raise ValueError(f"conversation_budgets: expected pairs (m, n) with n <= m, both in budgets "
+                                 f"{self.budgets}, got {(m, n)}")
+        if self.random_draws < 1:
+            raise ValueError(f"random_draws: expected >= 1, got {self.random_draws}")
 
 
 FULL = Recipe(seeds=(0, 1, 2), encoder_steps=300, lm_steps=1500, lm_grids=32, lm_questions=2,
