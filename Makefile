@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # resolving the other dependencies never pulls a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench clean test-floor test-vllm
+.PHONY: demo test test-slow bench clean test-floor test-vllm test-lmms-eval
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -72,3 +72,24 @@ $(VLLM_VENV)/.vllm-installed: pyproject.toml integrations/vllm/pyproject.toml
 # vLLM picks its CPU kernels itself: the Triton interpreter that CI exports for qfusion's kernels is unset.
 test-vllm: $(VLLM_VENV)/.vllm-installed
 	cd integrations/vllm && env -u TRITON_INTERPRET OMP_NUM_THREADS=2 ../../$(VLLM_PY) -m pytest -q
+
+# The lmms-eval integration in its own venv, evaluated through lmms-eval's own command line. lmms-eval's
+# requirements pull a CUDA build of torch and dozens of packages for its own benchmarks, so it goes in
+# without them, after the CPU torch, and LMMS_DEPS adds what its import and a local task's run need:
+# datasets (task data), evaluate and sacrebleu (imported by its metrics), tenacity, loguru, pytz,
+# pytablewriter (its result table); filelock < 4 because lmms-eval 0.7.3 patches filelock._api.
+LMMS_VENV ?= .venv-lmms
+LMMS_PY := $(LMMS_VENV)/bin/python
+LMMS_EVAL ?= lmms-eval==0.7.3
+LMMS_DEPS := datasets evaluate sacrebleu tenacity loguru pytz pytablewriter "filelock<4"
+LMMS_TESTS := tests/test_lmms_eval_integration.py tests/test_lmms_eval_video_hosts.py tests/test_lmms_eval_task.py
+
+$(LMMS_VENV)/.lmms-installed: pyproject.toml integrations/lmms_eval/pyproject.toml
+	python3 -m venv $(LMMS_VENV)
+	$(LMMS_PY) -m pip install "$(TORCH_CPU)"
+	$(LMMS_PY) -m pip install -e ".[train]" "pytest>=8.0" "pytest-benchmark>=4.0" $(LMMS_DEPS)
+	$(LMMS_PY) -m pip install --no-deps "$(LMMS_EVAL)" -e integrations/lmms_eval
+	touch $@
+
+test-lmms-eval: $(LMMS_VENV)/.lmms-installed
+	OMP_NUM_THREADS=2 $(LMMS_PY) -m pytest -q $(LMMS_TESTS)

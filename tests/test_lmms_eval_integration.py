@@ -40,7 +40,7 @@ def evaluated(hosts, tmp_path_factory):
     docs = [{"image": Image.fromarray(image), "question": question}
             for image, question in zip(images(3, seed=4), ["what is this ?", "how many", "what color is it ?"])]
     lm.task_dict = {"toy": {"test": docs}}
-    return lm, model, processor, docs
+    return lm, model, processor, docs, f"pretrained={hosts.directory('llava')},plugin={plugin},device=cpu"
 
 
 def request(kind, arguments, doc_id):
@@ -53,7 +53,7 @@ def doc_to_visual(doc):
 
 
 def test_registered_model_generates_like_the_attached_host(evaluated):
-    lm, model, processor, docs = evaluated
+    lm, model, processor, docs, _ = evaluated
     assert lm.adapter.settings == qfusion.adapters.get_adapter(model).settings
     settings = {"max_new_tokens": 4, "until": ["\n\n"]}
     requests = [request("generate_until",
@@ -69,7 +69,7 @@ def test_registered_model_generates_like_the_attached_host(evaluated):
 
 
 def test_loglikelihood_scores_the_continuation(evaluated):
-    lm, model, processor, docs = evaluated
+    lm, model, processor, docs, _ = evaluated
     requests = [request("loglikelihood", (d["question"], "a cat .", doc_to_visual, i, "toy", "test"), i)
                 for i, d in enumerate(docs[:2])]
     scores = lm.loglikelihood(requests)
@@ -86,7 +86,7 @@ def test_loglikelihood_scores_the_continuation(evaluated):
 
 
 def test_multi_round_reuses_the_cached_vision_prefix(evaluated):
-    lm, _, _, docs = evaluated
+    lm, _, _, docs, _ = evaluated
     calls = []
     handle = lm.model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
 
@@ -98,3 +98,14 @@ def test_multi_round_reuses_the_cached_vision_prefix(evaluated):
     (rounds,) = lm.generate_until_multi_round(requests)
     handle.remove()
     assert len(rounds) == 2 and len(calls) == 1
+
+
+def test_budget_model_arguments_set_the_processor_budget(evaluated):
+    from lmms_eval.models import get_model
+
+    lm, *_, arguments = evaluated
+    assert lm.processor.budget == (4, 2)  # the plugin's own
+    smaller = get_model("qfusion").create_from_arg_string(f"{arguments},m=2,n=1")
+    assert smaller.processor.budget == (2, 1)
+    with pytest.raises(ValueError, match="m: expected a whole number of fused tokens, got 'two'"):
+        get_model("qfusion").create_from_arg_string(f"{arguments},m=two")

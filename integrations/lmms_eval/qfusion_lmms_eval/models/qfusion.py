@@ -45,6 +45,14 @@ def _dtype(value: str | torch.dtype):
     return dtype
 
 
+def _count(name: str, value: int | str) -> int:
+    """A model argument that counts tokens; lmms-eval passes --model_args values as strings."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a whole number of fused tokens, got {value!r}") from None
+
+
 def _text(content) -> str:
     if isinstance(content, str):
         return content
@@ -63,12 +71,15 @@ class QFusionLMM(lmms):
     dtype: "auto" (the checkpoint's), "bfloat16", "float16" or "float32".
     batch_size: requests per generate call (left-padded).
     max_new_tokens: default generation length when a task gives none.
+    m, n: the budget (fused tokens for a first question / each follow-up); default the plugin's saved
+        processor settings, else its config.
     """
 
     is_simple = True
 
     def __init__(self, pretrained: str, plugin: str, device: str | None = None, device_map: str | None = None,
-                 dtype: str = "auto", batch_size: int | str = 1, max_new_tokens: int = 256, **kwargs: Any) -> None:
+                 dtype: str = "auto", batch_size: int | str = 1, max_new_tokens: int = 256,
+                 m: int | str | None = None, n: int | str | None = None, **kwargs: Any) -> None:
         super().__init__()
         if kwargs:
             raise ValueError(f"qfusion model: unknown arguments {sorted(kwargs)}")
@@ -84,10 +95,11 @@ class QFusionLMM(lmms):
         self.model = model.eval()
         self.adapter = qfusion.attach(self.model, plugin)
         host_processor = AutoProcessor.from_pretrained(pretrained)
+        budget = {name: _count(name, value) for name, value in (("m", m), ("n", n)) if value is not None}
         if os.path.isfile(os.path.join(plugin, PROCESSOR_CONFIG_NAME)):
-            self.processor = QFusionProcessor.from_pretrained(plugin, host_processor, self.model)
+            self.processor = QFusionProcessor.from_pretrained(plugin, host_processor, self.model, **budget)
         else:
-            self.processor = QFusionProcessor(host_processor, self.model)
+            self.processor = QFusionProcessor(host_processor, self.model, **budget)
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 
