@@ -43,7 +43,7 @@ FLOOR_TESTS := tests/test_versions.py tests/test_model.py tests/test_budget.py t
 	tests/test_cache.py tests/test_plugin.py tests/test_host_contract.py tests/test_adapters_common.py tests/test_llava_adapter.py \
 	tests/test_blip2_adapter.py tests/test_qwen_vl_adapter.py tests/test_llava_onevision_adapter.py \
 	tests/test_gemma_adapter.py tests/test_internvl_adapter.py tests/test_idefics_adapter.py tests/test_mistral_adapter.py \
-	tests/test_train_recipe.py tests/test_readme.py
+	tests/test_training_config.py tests/test_training_data.py tests/test_training_run.py tests/test_readme.py
 
 $(FLOOR_VENV)/.floor-installed: pyproject.toml constraints/floor.txt
 	python3 -m venv $(FLOOR_VENV)

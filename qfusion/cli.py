@@ -215,15 +215,26 @@ def _run_divergence(args) -> int:
     return 0
 
 
+def _add_train(subparsers) -> None:
+    # listed here; its arguments (every training setting) are parsed by qfusion.training's own parser
+    subparsers.add_parser("train", add_help=False, help="train, evaluate or sweep a plugin on a transformers VLM "
+                                                        "host (`qfusion train --help` lists every setting)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qfusion", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_fit, _add_budget, _add_divergence):
+    for add in (_add_demo, _add_train, _add_fit, _add_budget, _add_divergence):
         add(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from qfusion.training import main as train
+
+        return train(argv[1:], prog="qfusion train")
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -342,3 +342,24 @@ def check_fit(config: FusionConfig, host: dict[str, int], source: str) -> None:
         value = getattr(config, name)
         if value != host[name]:
             raise ValueError(f"fusion: {source} has {name}={value}, this host needs {name}={host[name]}")
+
+
+def push_plugin(directory: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
+                folders: tuple[str, ...] = (), commit_message: str = "Upload qfusion plugin") -> str:
+    """Upload a complete plugin directory to the Hugging Face Hub; returns the commit's URL.
+
+    Only the plugin's own files go up (config, weights, adapter and processor settings, question
+    tokenizer, model card) and the sub-folders named in ``folders`` (e.g. a LoRA saved beside it);
+    whatever else shares the folder (checkpoints, training logs) stays. An incomplete plugin is
+    refused as :func:`read_plugin` refuses it. token: default the one of ``hf auth login`` / HF_TOKEN.
+    """
+    from huggingface_hub import HfApi
+
+    read_plugin(directory)
+    names = [CONFIG_NAME, WEIGHTS_NAME, ADAPTER_CONFIG_NAME, HD_WEIGHTS_NAME, PROCESSOR_CONFIG_NAME, CARD_NAME]
+    patterns = names + [f"{folder}/**" for folder in (QUESTION_TOKENIZER_DIR, *folders)]
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=os.fspath(directory), allow_patterns=patterns,
+                             commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

@@ -523,6 +523,39 @@ class QFusionProcessor:
 
         return BatchFeature(data)
 
+    def text_inputs(self, conversations, *, add_generation_prompt: bool | None = None, return_labels: bool = False,
+                    padding_side: str | None = None):
+        """Host inputs of text-only conversations: no image or video, so nothing to fuse and no questions.
+
+        For the records of a training mixture that have no visual input (the attached host runs them
+        as it would without the plugin). conversations, add_generation_prompt, return_labels,
+        padding_side: as in ``__call__``; a conversation with an image or video item is refused.
+        Returns a ``BatchFeature`` with ``input_ids``, ``attention_mask`` and, on request, ``labels``.
+        """
+        if padding_side is None:
+            padding_side = "left"
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+        prompts, turns = [], []
+        for b, conversation in enumerate(self._batch_conversations(conversations)):
+            if any(_visual_items(message["content"]) for message in conversation):
+                raise ValueError(f"conversations[{b}]: has an image or video item; text_inputs takes text-only "
+                                 "conversations (call the processor itself for the others)")
+            messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in conversation]
+            generation = conversation[-1]["role"] == "user" if add_generation_prompt is None else add_generation_prompt
+            prompts.append(self.tokenizer.apply_chat_template(messages, chat_template=self._chat_template(),
+                                                              tokenize=False, add_generation_prompt=generation))
+            turns.append([(m["role"], m["content"]) for m in messages])
+        encoding = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt",
+                                  return_offsets_mapping=return_labels, padding_side=padding_side)
+        data = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+        if return_labels:
+            data["labels"] = self._labels(encoding["input_ids"], encoding["offset_mapping"], prompts, turns,
+                                          self.tokenizer.eos_token_id)
+        from transformers import BatchFeature
+
+        return BatchFeature(data)
+
     # ------------------------------------------------------------------ host passthrough and saving
 
     def batch_decode(self, *args, **kwargs):

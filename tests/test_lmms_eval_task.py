@@ -1,5 +1,5 @@
 """integrations/lmms_eval end to end: lmms-eval's own command line evaluates a tiny LLaVA with a trained plugin on a
-local task at two budgets, and its scores and answers equal the training recipe's evaluation of the same items
+local task at two budgets, and its scores and answers equal the eval stage of qfusion.training on the same items
 (skipped without lmms_eval)."""
 
 import json
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from conftest_hosts import build_llava
 from PIL import Image
+from training_workspace import COLORS, pretrain_host
+
+from qfusion.training import TrainConfig, evaluate, train
 
 pytest.importorskip("lmms_eval.api.model", reason="lmms-eval is not installed")
-
-from test_train_recipe import COLORS, pretrain_host, recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = ((1, 1), (4, 4))
@@ -25,7 +25,7 @@ TASK = "qfusion_colours"
 
 def write_questions(root: Path, name: str, count: int, seed: int) -> Path:
     """Noisy one-colour images, one question each: "what color is it ?" (type color) or "is it <colour> ?"
-    (type yesno); image paths absolute, so lmms-eval and the recipe open the same files."""
+    (type yesno); image paths absolute, so lmms-eval and the eval stage open the same files."""
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(count):
@@ -74,24 +74,24 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A tiny LLaVA trained on the colour questions, a plugin trained for it by the recipe, the held-out
-    questions and the recipe's own evaluation of them at both budgets."""
+    """A tiny LLaVA trained on the colour questions, an elastic plugin trained for it by qfusion.training, the
+    held-out questions and the eval stage's scores and answers at both budgets."""
     root = tmp_path_factory.mktemp("lmms-task")
     build_llava(root / "host")
-    train = write_questions(root, "train", 24, seed=0)
+    train_data = write_questions(root, "train", 24, seed=0)
     test = write_questions(root, "test", 16, seed=1)
-    pretrain_host(root / "host", train, root)
-    config = {"model": str(root / "host"), "data": str(train), "image_root": str(root),
-              "fusion": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64,
-                         "codebook_size": 16, "m": 4, "n": 4, "contrastive_dim": 16, "attn_impl": "sdpa"},
-              "budgets": sorted({m for m, _ in BUDGETS}),
-              "optim": {"lr": 1e-3, "batch_size": 6, "warmup_ratio": 0.03, "max_steps": 60}, "mixed_precision": "no",
-              "eval": {"data": str(test), "batch_size": 4, "max_new_tokens": 3,
-                       "budgets": [list(b) for b in BUDGETS]}}
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    recipe.main(["--config", str(root / "config.yaml"), "--stage", "elastic", "--output-dir", str(root / "plugin")])
-    recipe.main(["--config", str(root / "config.yaml"), "--stage", "eval", "--plugin", str(root / "plugin"),
-                 "--output-dir", str(root / "recipe-eval")])
+    pretrain_host(root / "host", train_data, root)
+    settings = {"model": str(root / "host"), "data": {"train": str(train_data), "image_root": str(root)},
+                "fusion": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64,
+                           "codebook_size": 16, "m": 4, "n": 4, "contrastive_dim": 16, "attn_impl": "sdpa"},
+                "elastic": {"budgets": sorted({m for m, _ in BUDGETS})},
+                "optim": {"lr": 1e-3, "batch_size": 6, "warmup_ratio": 0.03, "max_steps": 60, "mixed_precision": "no"},
+                "log": {"progress": False},
+                "eval": {"data": str(test), "batch_size": 4, "max_new_tokens": 3, "baselines": [],
+                         "budgets": [list(b) for b in BUDGETS]}}
+    config = TrainConfig.from_dict({**settings, "stage": "elastic", "output_dir": str(root / "plugin")})
+    train(config)
+    evaluate(config.replace(stage="eval", plugin=str(root / "plugin"), output_dir=str(root / "training-eval")))
     write_task(root / "tasks", test, max_new_tokens=3)
     return root
 
@@ -115,12 +115,13 @@ def lmms_eval(workspace: Path, m: int, n: int) -> tuple[dict, list[str]]:
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: f"m{b[0]}-n{b[1]}")
-def test_lmms_eval_scores_equal_the_recipe_evaluation(workspace, budget):
+def test_lmms_eval_scores_equal_the_eval_stage(workspace, budget):
     m, n = budget
-    evaluation = json.loads((workspace / "recipe-eval" / "eval.json").read_text())
-    (recipe_scores,) = [b for b in evaluation["budgets"] if (b["m"], b["n"]) == budget]
+    evaluation = json.loads((workspace / "training-eval" / "eval.json").read_text())
+    (entry,) = [b for b in evaluation["budgets"] if (b["m"], b["n"]) == budget]
+    scores = entry["scores"]["plugin"]["all"]
     metrics, answers = lmms_eval(workspace, m, n)
-    assert answers == evaluation["predictions"][f"m{m}-n{n}"]
-    assert metrics["exact_match,none"] == pytest.approx(recipe_scores["all"]["exact_match"])
-    assert metrics["vqa_match,none"] == pytest.approx(recipe_scores["all"]["vqa_match"])
-    assert 0 < recipe_scores["all"]["vqa_match"]  # the plugin answers some questions right: a score to compare
+    assert answers == evaluation["predictions"][f"m{m}-n{n}"]["plugin"]
+    assert metrics["exact_match,none"] == pytest.approx(scores["exact_match"])
+    assert metrics["vqa_match,none"] == pytest.approx(scores["vqa_match"])
+    assert 0 < scores["vqa_match"]  # the plugin answers some questions right: a score to compare

@@ -61,6 +61,23 @@ def test_labels_find_each_answer_after_its_own_question(llava_processor):
     assert len(positions) == 2 and labels[positions[0]] == -100 and labels[positions[1]] == red
 
 
+def test_text_only_conversations_get_the_chat_template_and_answer_labels_without_placeholders(llava_processor):
+    processor = QFusionProcessor(llava_processor, m=5, n=3)
+    text_only = [{"role": "user", "content": "how many are there ?"},
+                 {"role": "assistant", "content": [{"type": "text", "text": "two ."}]}]
+    batch = processor.text_inputs([text_only, text_only[:1]], return_labels=True, padding_side="right")
+    tok = llava_processor.tokenizer
+    assert set(batch) == {"input_ids", "attention_mask", "labels"} and (batch["input_ids"] != IMAGE_TOKEN_ID).all()
+    rendered = tok(tok.apply_chat_template(text_only, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist() == rendered
+    labels = batch["labels"][0]
+    assert tok.decode(labels[labels != -100]) == "two . </s>" and (batch["labels"][1] == -100).all()
+    generation = processor.text_inputs([text_only[:1]])
+    assert tok.decode(generation["input_ids"][0]).endswith("ASSISTANT :")  # the last turn is the user's
+    with pytest.raises(ValueError, match=r"conversations\[0\]: has an image or video item; text_inputs takes"):
+        processor.text_inputs([CONVERSATION])
+
+
 def test_plain_questions_in_every_form(llava_processor):
     processor = QFusionProcessor(llava_processor, m=4, n=2)
     one = processor(images=images(1), questions="what is this ?")
