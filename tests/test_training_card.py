@@ -2,7 +2,7 @@
 base_model with the budgets, stages and data; the push uploads the plugin's files and its LoRA, nothing else."""
 
 import pytest
-from training_workspace import colour_workspace, settings  # noqa: F401
+from training_workspace import settings
 
 from qfusion.budget import Budget
 from qfusion.plugin import push_plugin

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from conftest_hosts import fusion_config
-from training_workspace import colour_workspace, settings  # noqa: F401
+from training_workspace import settings
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import qfusion

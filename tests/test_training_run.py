@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from readme_blocks import python_blocks
-from training_workspace import colour_workspace, metrics, settings, write_mixed_data  # noqa: F401
+from training_workspace import metrics, settings, write_mixed_data
 from transformers import AutoModelForImageTextToText
 
 import qfusion

@@ -4,7 +4,7 @@ one comparison of both modes and the baselines (table, fits, plot) that `qfusion
 import json
 
 import pytest
-from training_workspace import colour_workspace, settings  # noqa: F401
+from training_workspace import settings
 
 from qfusion import cli
 from qfusion.scaling import load_fits

@@ -10,6 +10,7 @@ samples per step) train and evaluate like it.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from training_workspace import colour_workspace, metrics, settings  # noqa: F401
+from training_workspace import metrics, settings
 
 from qfusion.training import load_config
 from qfusion.training.run import resume_point
@@ -54,31 +55,59 @@ if len(sys.argv) > 3:
 """
 
 
+def start(folder, runner, workspace, name, kill="none", *, resume=False, processes=1, grad_accum=2, eval_dir=None):
+    """Start one training run in its own process(es); returns the Popen."""
+    values = settings(workspace, stage="elastic", output_dir=str(folder / name), resume=resume,
+                      elastic={"budgets": [1, 2, 4]}, data={"train": str(workspace / "mixed.jsonl"),
+                                                           "image_root": str(workspace)})
+    values["optim"].update(batch_size=2, grad_accum=grad_accum, max_steps=8, lr=1e-3)
+    values["log"].update(save_every=2, save_total_limit=None)
+    values["eval"].update(baselines=["random"])
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                       "--nproc_per_node", str(processes), "--master_port", "29517"]
+    command = launcher + [str(runner), str(path), kill] + ([str(folder / eval_dir)] if eval_dir else [])
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def finish(process) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=900)
+    return process.returncode, output
+
+
+KILLS = {"killed-SIGKILL": "SIGKILL@5", "killed-SIGTERM": "SIGTERM@3", "killed-in-save": "save@4"}
+
+
 @pytest.fixture(scope="module")
 def runs(colour_workspace, tmp_path_factory):
-    """run(name, kill, *, resume, processes, grad_accum, eval_dir) -> the finished process; the runs' folder."""
+    """Every run of this module, the independent ones side by side: the reference, the killed runs and the
+    two-process run; then the killed runs resumed. Returns the runs' folder and, per killed run, what was
+    there between the kill and the resume."""
     folder = tmp_path_factory.mktemp("runs")
     runner = folder / "runner.py"
     runner.write_text(RUNNER)
-
-    def run(name, kill="none", *, resume=False, processes=1, grad_accum=2, eval_dir=None):
-        values = settings(colour_workspace, stage="elastic", output_dir=str(folder / name), resume=resume,
-                          elastic={"budgets": [1, 2, 4]}, data={"train": str(colour_workspace / "mixed.jsonl"),
-                                                               "image_root": str(colour_workspace)})
-        values["optim"].update(batch_size=2, grad_accum=grad_accum, max_steps=8, lr=1e-3)
-        values["log"].update(save_every=2, save_total_limit=None)
-        values["eval"].update(baselines=["random"])
-        path = folder / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(values))
-        launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                           "--nproc_per_node", str(processes), "--master_port", "29517"]
-        command = launcher + [str(runner), str(path), kill] + ([str(folder / eval_dir)] if eval_dir else [])
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-
-    reference = run("reference", eval_dir="reference-eval")
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    return run, folder
+    first = {"reference": start(folder, runner, colour_workspace, "reference", eval_dir="reference-eval"),
+             "two-processes": start(folder, runner, colour_workspace, "two-processes", processes=2, grad_accum=1,
+                                    eval_dir="two-processes-eval"),
+             **{name: start(folder, runner, colour_workspace, name, kill) for name, kill in KILLS.items()}}
+    codes = {name: finish(process) for name, process in first.items()}
+    for name in ("reference", "two-processes"):
+        assert codes[name][0] == 0, codes[name][1][-3000:]
+    killed = {}
+    for name in KILLS:
+        out = folder / name
+        config = load_config([str(folder / f"{name}.yaml")], ["resume=true"])
+        killed[name] = {"returncode": codes[name][0], "steps": [r["step"] for r in metrics(out)],
+                        "checkpoints": sorted(p.name for p in out.glob("checkpoint-*")),
+                        "staged": sorted(p.name for p in (out / ".staging").glob("*/*")),
+                        "resumes_from": resume_point(config), "kept": [r["step"] for r in metrics(out)]}
+    resumed = {name: start(folder, runner, colour_workspace, name, resume=True) for name in KILLS}
+    for name, process in resumed.items():
+        code, output = finish(process)
+        assert code == 0, output[-3000:]
+    return folder, killed
 
 
 def weights(directory):
@@ -97,38 +126,30 @@ def assert_same_run(folder, name):
 
 @pytest.mark.parametrize(("signal_name", "step"), [("SIGKILL", 5), ("SIGTERM", 3)])
 def test_a_killed_run_resumes_to_the_same_losses_and_weights(runs, signal_name, step):
-    run, folder = runs
+    folder, killed = runs
     name = f"killed-{signal_name}"
-    killed = run(name, f"{signal_name}@{step}")
-    assert killed.returncode == -getattr(__import__("signal"), signal_name)
-    assert [r["step"] for r in metrics(folder / name)] == list(range(1, step))  # killed before it logged its step
-    resumed = run(name, resume=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = killed[name]
+    assert state["returncode"] == -getattr(signal, signal_name)
+    assert state["steps"] == list(range(1, step))  # killed before it logged its step
+    assert state["resumes_from"] == str(folder / name / f"checkpoint-{step - 1 - (step - 1) % 2}")
     assert_same_run(folder, name)
 
 
 def test_a_kill_during_a_checkpoint_save_resumes_from_the_last_complete_checkpoint(runs):
-    run, folder = runs
+    folder, killed = runs
     name = "killed-in-save"
-    killed = run(name, "save@4")
-    assert killed.returncode == -9
-    out = folder / name
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # step 4's never became one
-    partial = out / ".staging" / "checkpoint-4"
-    assert (partial / "model.safetensors").is_file() and not (partial / "optimizer.pt").exists()
-    config = load_config([str(folder / f"{name}.yaml")], ["resume=true"])
-    assert resume_point(config) == str(out / "checkpoint-2")
-    assert [r["step"] for r in metrics(out)] == [1, 2]  # steps 3 and 4 will be logged again, once
-    resumed = run(name, resume=True)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert not (out / ".staging").exists()
+    state = killed[name]
+    assert state["returncode"] == -signal.SIGKILL and state["steps"] == [1, 2, 3, 4]
+    assert state["checkpoints"] == ["checkpoint-2"]  # step 4's never became one
+    assert "model.safetensors" in state["staged"] and "optimizer.pt" not in state["staged"]
+    assert state["resumes_from"] == str(folder / name / "checkpoint-2")
+    assert state["kept"] == [1, 2]  # steps 3 and 4 are logged again, once
+    assert not (folder / name / ".staging").exists()
     assert_same_run(folder, name)
 
 
 def test_two_processes_train_and_evaluate_like_one_process(runs):
-    run, folder = runs
-    distributed = run("two-processes", processes=2, grad_accum=1, eval_dir="two-processes-eval")
-    assert distributed.returncode == 0, distributed.stderr[-3000:]
+    folder, _ = runs
     reference, both = metrics(folder / "reference"), metrics(folder / "two-processes")
     assert [r["step"] for r in both] == list(range(1, 9))
     for a, b in zip(reference, both):

@@ -35,7 +35,7 @@ from qfusion.adapters import FUSION_MODULE, get_adapter, unwrap_model
 from qfusion.budget import Budget
 from qfusion.training.card import read_stages, trained_budgets
 from qfusion.training.config import METRICS, TrainConfig
-from qfusion.training.data import ConversationDataset, Sample, load_conversations
+from qfusion.training.data import ConversationDataset, Sample, check_record, load_conversations
 from qfusion.training.host import load_host, parse_budgets, process_state
 
 logger = logging.getLogger(__name__)
@@ -95,8 +95,6 @@ class Item:
 
 def eval_items(dataset: ConversationDataset) -> list[Item]:
     """One item per question of every record, in order."""
-    from qfusion.training.data import check_record
-
     items = []
     for index in range(len(dataset)):
         layout = check_record(dataset.records[index], dataset.where(index))

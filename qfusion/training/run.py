@@ -143,7 +143,7 @@ def train(config: TrainConfig, *, host=None, host_processor=None, train_dataset=
     stages = (read_stages(config.plugin) if config.plugin else None) or []
     mode = "question" if loaded.adapter.fusion.config.use_question else "no_question"
     record = stage_record(config.stage, mode=mode, budgets=budgets, steps=config.optim.max_steps,
-                          data=str(config.data.train), lr=config.optim.lr,
+                          data=getattr(train_dataset, "source", str(config.data.train)), lr=config.optim.lr,
                           batch_size=config.optim.batch_size * config.optim.grad_accum * state.num_processes,
                           lora=is_peft(loaded.model))
     card = plugin_card(base_model=config.model, family=loaded.adapter.family.name, budget=loaded.adapter.budget,
