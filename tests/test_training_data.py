@@ -152,11 +152,14 @@ def test_a_mixed_micro_batch_splits_into_visual_and_text_only_parts_with_answer_
     assert tokenizer.decode(text["labels"][0][text["labels"][0] != -100]) == "two . </s>"
     assert int(scored_tokens(batch)) == sum(int((part["labels"][:, 1:] != -100).sum()) for part in (visual, text))
     align = Collator(processor, [(4, 2)], seed=0, answer_tokenizer=tokenizer, answer_special_tokens=False,
-                     visual_only=True)([data[0], data[1], data[2]])
+                     text_only="leave out")([data[0], data[1], data[2]])
     assert align["text"] is None and align["visual"]["input_ids"].shape[0] == 2
     answers = align["answers"]
     assert [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(answers["input_ids"], answers["attention_mask"])] == [
         "red .", "no .", "a dog ."]  # one answer per question, in batch order
+    with pytest.raises(ValueError, match=r"data.train: records \[0\] have no image or video, and the host of this run cannot"):
+        Collator(processor, [(4, 2)], seed=0, text_only="refuse")([data[0], data[1]])
+    assert Collator(processor, [(4, 2)], seed=0, text_only="refuse")([data[1]])["text"] is None
 
 
 def test_the_budget_draw_depends_on_the_samples_and_seed_only(tmp_path, records):

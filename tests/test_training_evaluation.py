@@ -143,6 +143,8 @@ def test_baselines_are_left_out_with_the_reason_where_they_cannot_run(hosts, col
     tower = qfusion.attach(hosts.model("llava"), fusion_config(), vision_source="tower")
     assert "reads the host's 'tower' features, not the vision tokens its LLM reads ('projector')" in baseline_reason(tower)
     assert baseline_reason(qfusion.attach(hosts.model("llava"), fusion_config())) is None
+    augment = qfusion.attach(hosts.model("instructblip"), fusion_config(), mode="augment")
+    assert baseline_reason(augment) == "in 'augment' mode the host keeps its own vision tokens; N more of them is no comparison"
     pooled = TokenBaseline("avg_pool", fusion_config(), 0, "cpu", torch.float32)
     tokens = torch.arange(12.0).reshape(6, 2)
     assert pooled.reduce(tokens, 3).tolist() == [[1, 2], [5, 6], [9, 10]]

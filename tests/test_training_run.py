@@ -115,6 +115,28 @@ def test_qwen_vl_hosts_train_on_image_video_and_text_records_end_to_end(hosts, k
         print(f"\n{kind} tiny: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()) + f"\n{result['table']}")
 
 
+def test_the_adapter_settings_wire_a_new_plugin_and_a_host_without_text_only_runs_refuses_those_records(
+        colour_workspace, hosts):
+    root = colour_workspace
+    out = root / "hd"
+    train(config(root, stage="generate", output_dir=str(out), adapter={"hd_grid": [2, 2]},
+                 optim={"max_steps": 2, "batch_size": 4}, log={"save_every": 1}))
+    plugin = read_plugin(out)
+    assert plugin.settings.hd_grid == (2, 2) and (out / "hd_front_end.safetensors").is_file()
+    assert (out / "checkpoint-1" / "hd_front_end.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"hd_grid: the plugin was trained with hd_grid=\(2, 2\), got \(3, 3\)"):
+        evaluate(config(root, stage="eval", plugin=str(out), output_dir=str(out / "eval"), adapter={"hd_grid": [3, 3]}))
+    result = evaluate(config(root, stage="eval", plugin=str(out), output_dir=str(out / "eval")))
+    assert result["budgets"][0]["skipped"] == {
+        method: "the plugin reads HD front-end tokens, not the host's own vision tokens" for method in ("avg_pool", "random")}
+
+    blip = config(root, model=hosts.directory("blip-2"), stage="generate", output_dir=str(root / "blip"),
+                  data={"train": str(root / "mixed.jsonl")}, optim={"max_steps": 1, "batch_size": 28})
+    with pytest.raises(ValueError, match=r"data.train: records \[24, 25, 26, 27\] have no image or video, and the host "
+                                         r"of this run cannot run a conversation without one"):
+        train(blip, host_processor=hosts.processor("blip-2"))
+
+
 def test_elastic_runs_save_the_configured_budget_whatever_was_drawn(colour_workspace):
     root = colour_workspace
     drawn = set()

@@ -17,6 +17,10 @@ from qfusion.processor import QFusionProcessor
 from qfusion.training.data import Sample
 
 
+TEXT_ONLY = ("keep", "leave out", "refuse")
+"""What a Collator does with a sample without image or video."""
+
+
 def draw_budget(budgets: Sequence[Budget], samples: Sequence[Sample], seed: int) -> Budget:
     """The budget of one micro-batch: one of ``budgets``, drawn by (seed, the samples' indices)."""
     if len(budgets) == 1:
@@ -31,7 +35,9 @@ class Collator:
         (several: elastic training, one drawn per micro-batch). seed: the run's seed.
     answer_tokenizer: for the align stage, tokenizes each question's answer for the answer encoder
         (``answer_special_tokens``: whether it adds its special tokens; CLIP's <eos> is read).
-    visual_only: leave text-only samples out (the align stage pairs visual inputs with answers).
+    text_only: what becomes of a sample without image or video: "keep" it (the host runs it alone),
+        "leave out" (the align stage: nothing to align) or "refuse" (a host that cannot run one: an
+        error naming the record).
 
     A call returns ``{"budget", "visual", "text", "answers"}``: ``visual`` the processor's outputs
     with ``labels`` (None without visual samples), ``text`` the text-only samples' (None without),
@@ -39,20 +45,26 @@ class Collator:
     """
 
     def __init__(self, processor: QFusionProcessor, budgets: Sequence[Budget], seed: int, *, answer_tokenizer=None,
-                 answer_special_tokens: bool = True, visual_only: bool = False):
+                 answer_special_tokens: bool = True, text_only: str = "keep"):
         if not budgets:
             raise ValueError("budgets: expected at least one (m, n)")
+        if text_only not in TEXT_ONLY:
+            raise ValueError(f"text_only: expected one of {TEXT_ONLY}, got {text_only!r}")
         self.processor = processor
         self.budgets = [Budget.of(b, name="budgets") for b in budgets]
         self.seed = seed
         self.answer_tokenizer = answer_tokenizer
         self.answer_special_tokens = answer_special_tokens
-        self.visual_only = visual_only
+        self.text_only = text_only
 
     def __call__(self, samples: list[Sample]) -> dict:
         budget = draw_budget(self.budgets, samples, self.seed)
         visual = [s for s in samples if s.is_visual]
-        text = [] if self.visual_only else [s for s in samples if not s.is_visual]
+        text = [] if self.text_only == "leave out" else [s for s in samples if not s.is_visual]
+        if text and self.text_only == "refuse":
+            raise ValueError(f"data.train: records {sorted(s.index for s in text)} have no image or video, and the host "
+                             "of this run cannot run a conversation without one (its forward requires pixel_values); "
+                             "leave such records out of its data")
         batch = {"budget": tuple(budget), "visual": None, "text": None, "answers": None}
         if visual:
             images = [s.images for s in visual] if any(s.images for s in visual) else None

@@ -63,6 +63,20 @@ class DataConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """How a new plugin is wired into its host (section ``adapter``); a loaded plugin keeps its own (a
+    different value is an error naming it)."""
+
+    mode: str | None = setting(None, "'replace' (fused tokens instead of the host's vision tokens) or, for BLIP "
+                                     "hosts, 'augment' (after the Q-Former's); null = the family's default")
+    vision_source: str | None = setting(None, "where the fusion reads the host's vision features, one of the "
+                                              "family's sources (LLaVA 'projector' or 'tower', Qwen-VL 'merger' "
+                                              "or 'tower'); null = the family's default")
+    hd_grid: list | None = setting(None, "[rows, cols] of the high-resolution front-end's local views, plain LLaVA "
+                                         "only (the paper's HD-9: [3, 3]); null = none")
+
+
+@dataclass
 class OptimConfig:
     """Optimisation (section ``optim``): the paper's 7B settings by default; a small fresh plugin needs a
     far larger learning rate (examples/configs/small-plugin.yaml)."""
@@ -228,6 +242,7 @@ class TrainConfig:
     fusion: dict = setting(None, "FusionConfig fields: a new plugin's architecture, or a loaded plugin's "
                                  "m / n / use_question / runtime choices", factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)

@@ -10,8 +10,9 @@ the plugin's fused tokens:
 
 Both go through exactly the plugin's path (placeholders, positions, the family's hooks): the
 baseline stands in for the fusion module for the call. They need the host's vision tokens as its
-LLM reads them (the family's default vision source, no HD front-end) and N no larger than an
-input's own token count; otherwise they are left out with the reason. A budget the plugin was not
+LLM reads them (the family's default vision source, no HD front-end, the plugin in place of them:
+not BLIP's ``augment`` mode) and N no larger than an input's own token count; otherwise they are
+left out with the reason. A budget the plugin was not
 trained at (per its model card's training record) is flagged and logged.
 """
 
@@ -36,7 +37,7 @@ from qfusion.budget import Budget
 from qfusion.training.card import read_stages, trained_budgets
 from qfusion.training.config import METRICS, TrainConfig
 from qfusion.training.data import ConversationDataset, Sample, check_record, load_conversations
-from qfusion.training.host import load_host, parse_budgets, process_state
+from qfusion.training.host import load_host, parse_budgets, process_state, refuse_text_only
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,8 @@ class BaselineOutput:
 
 def baseline_reason(adapter) -> str | None:
     """Why the baselines cannot run on this plugin's host features (None: they can)."""
+    if adapter.settings.mode == "augment":
+        return "in 'augment' mode the host keeps its own vision tokens; N more of them is no comparison"
     if adapter.hd is not None:
         return "the plugin reads HD front-end tokens, not the host's own vision tokens"
     if adapter.source is not adapter.family.sources[0] or adapter.feature_dim != adapter.fusion_output_dim:
@@ -226,6 +229,7 @@ def predict(model, processor, dataset: ConversationDataset, items: list[Item], b
                 inputs = processor(images=images, videos=videos, conversations=conversations, budget=budget,
                                    add_generation_prompt=True)
             else:
+                refuse_text_only(model, dataset.where(items[group[0]].record))
                 inputs = processor.text_inputs(conversations, add_generation_prompt=True)
             inputs = inputs.to(device)
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

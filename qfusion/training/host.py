@@ -108,14 +108,17 @@ def load_host(config: TrainConfig, host: nn.Module | None = None, host_processor
         host = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype)
     if host_processor is None:
         host_processor = AutoProcessor.from_pretrained(config.model)
+    wiring = config.adapter
+    attach = {"mode": wiring.mode, "vision_source": wiring.vision_source,
+              "hd": None if wiring.hd_grid is None else tuple(wiring.hd_grid)}
     if config.plugin:
         changes, runtime = plugin_changes(config)
-        adapter = qfusion.attach(host, config.plugin, **runtime)
+        adapter = qfusion.attach(host, config.plugin, **attach, **runtime)
         if changes:  # e.g. a sweep's budget: the plugin of this run is saved with it
             adapter.fusion.configure(**changes)
     else:
         runtime = {k: v for k, v in config.fusion.items() if k in RUNTIME_FIELDS}
-        adapter = qfusion.attach(host, new_fusion_config(config.fusion), **runtime)
+        adapter = qfusion.attach(host, new_fusion_config(config.fusion), **attach, **runtime)
     if config.optim.gradient_checkpointing:
         adapter.fusion.gradient_checkpointing = True
     if mixed != "no":
@@ -147,6 +150,22 @@ def checkpoint_llm(model: nn.Module) -> None:
         host.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # transformers releases before the rename
         host.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def takes_text_only(model: nn.Module) -> bool:
+    """Whether the host runs a conversation without any image (BLIP hosts' forward requires pixel_values)."""
+    import inspect
+
+    parameter = inspect.signature(type(unwrap_model(model)).forward).parameters.get("pixel_values")
+    return parameter is None or parameter.default is not inspect.Parameter.empty
+
+
+def refuse_text_only(model: nn.Module, where: str) -> None:
+    """An error naming ``where`` (a record) for a text-only conversation on a host that cannot run one."""
+    if not takes_text_only(model):
+        raise ValueError(f"{where}: has no image or video, and a {unwrap_model(model).config.model_type!r} host "
+                         "cannot run a conversation without one (its forward requires pixel_values); leave such "
+                         "records out of its data")
 
 
 def is_peft(model: nn.Module) -> bool:

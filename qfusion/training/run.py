@@ -14,8 +14,8 @@ from qfusion.training.card import plugin_card, read_stages, stage_record
 from qfusion.training.collator import Collator
 from qfusion.training.config import TRAINING_STAGES, TrainConfig
 from qfusion.training.data import load_conversations
-from qfusion.training.host import (LORA_DIR, answer_encoder, checkpoint_llm, is_peft, load_host, on_cpu, precision, process_state,
-                                   stage_budgets)
+from qfusion.training.host import (LORA_DIR, answer_encoder, checkpoint_llm, is_peft, load_host, on_cpu, precision,
+                                   process_state, stage_budgets, takes_text_only)
 from qfusion.training.stages import StageModel
 from qfusion.training.trainer import METRICS_NAME, QFusionTrainer, trim_metrics
 
@@ -137,8 +137,9 @@ def train(config: TrainConfig, *, host=None, host_processor=None, train_dataset=
     if config.optim.gradient_checkpointing and config.stage != "align":
         checkpoint_llm(loaded.model)
     model = StageModel(loaded.model, config.stage, encoder)
+    text_only = "leave out" if config.stage == "align" else "keep" if takes_text_only(loaded.model) else "refuse"
     collator = Collator(loaded.processor, budgets, config.seed, answer_tokenizer=tokenizer,
-                        answer_special_tokens=special, visual_only=config.stage == "align")
+                        answer_special_tokens=special, text_only=text_only)
     args = training_arguments(config)
     stages = (read_stages(config.plugin) if config.plugin else None) or []
     mode = "question" if loaded.adapter.fusion.config.use_question else "no_question"
