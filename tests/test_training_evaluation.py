@@ -113,7 +113,6 @@ def test_baselines_at_the_hosts_own_token_count_answer_as_the_host_itself(colour
     predictions = result["predictions"]["m16-n16"]
     for method in ("avg_pool", "random"):  # N = V: pooling and choosing all keep every token, in order
         assert [predictions[method][i] for i in firsts] == own
-    assert predictions["plugin"] != predictions["avg_pool"]
 
 
 def test_a_budget_the_plugin_was_not_trained_at_is_flagged(colour_workspace, plugin, tmp_path, caplog):
