@@ -1,4 +1,4 @@
-"""The qfusion part of a served model: the plugin's fusion, and the fusion call on a batch of items.
+"""The qfusion part of a served model: the plugin's fusion, the vision cache, and the fusion call.
 
 Every served family's model mixes in :class:`FusionPart`: it loads the plugin the host config
 names (through :func:`qfusion_vllm.plugin.load_plugin`, which reads and fits it with qfusion's own
@@ -6,9 +6,19 @@ plugin owner), runs the host's vision features of a batch of items through ``Que
 returns each item's fused tokens. An item is an image with the questions about it so far (the
 multimodal fields of :mod:`qfusion_vllm.processing`); it embeds the last question's group: m tokens
 for a first question, n for a follow-up.
+
+A follow-up item is new to vLLM's encoder cache (its questions differ), but its image is not: the
+host's vision features of recent images are kept in a small cache keyed by the image's content
+hash (the ``qfusion_image_key`` field), as the transformers path's ``FusionCache`` keeps them
+between turns, so a follow-up runs the fusion, not the vision tower. The cache holds the features
+of the last ``qfusion_vision_cache`` images (a host-config field, default 64; 0 turns it off), on
+the model's device, outside the memory vLLM plans for.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -20,26 +30,47 @@ from qfusion_vllm.plugin import load_plugin
 FUSION = "qfusion"
 """The fusion submodule's name in a served model."""
 
+VISION_CACHE_FIELD = "qfusion_vision_cache"
+"""Optional host-config field: how many images' vision features the model keeps for follow-ups."""
+
+VISION_CACHE_DEFAULT = 64
+
 
 def as_list(value) -> list:
     """A batched multimodal field as a list of per-item values (vLLM stacks equal shapes)."""
     return list(value.unbind(0)) if isinstance(value, Tensor) else list(value)
 
 
-def distinct(items: list[Tensor]) -> tuple[list[int], list[int]]:
-    """(the index of each distinct tensor's first occurrence, per item the position of its tensor
-    among those): the items of one image's question groups share their pixels, which the vision
-    tower then runs once."""
-    firsts: list[int] = []
-    index: list[int] = []
-    for i, item in enumerate(items):
-        same = next((k for k, f in enumerate(firsts)
-                     if items[f].shape == item.shape and torch.equal(items[f], item)), None)
-        if same is None:
-            firsts.append(i)
-            same = len(firsts) - 1
-        index.append(same)
-    return firsts, index
+class VisionCache:
+    """The host vision features of the last ``capacity`` images, by content key (least recently used
+    goes first)."""
+
+    def __init__(self, capacity: int):
+        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+            raise ValueError(f"{VISION_CACHE_FIELD}: expected a number of images >= 0, got {capacity!r}")
+        self.capacity = capacity
+        self.entries: OrderedDict[bytes, Tensor] = OrderedDict()
+
+    def features(self, keys: list[bytes], compute: Callable[[list[int]], list[Tensor]]) -> list[Tensor]:
+        """Per item, its image's features: cached ones, the others computed once per distinct image.
+
+        compute: (indices of the items to encode, one per missing image) -> their features.
+        """
+        missing = {}
+        for i, key in enumerate(keys):
+            if key not in self.entries and key not in missing:
+                missing[key] = i
+        found = dict(zip(missing, compute(list(missing.values())))) if missing else {}
+        out = []
+        for key in keys:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+            out.append(found[key] if key in found else self.entries[key])
+        for key, value in found.items():
+            self.entries[key] = value
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        return out
 
 
 class FusionPart:
@@ -51,10 +82,23 @@ class FusionPart:
     def init_fusion(self, vllm_config) -> None:
         """Read the plugin the host config names (None: serve the host alone) and load its fusion in
         the model's dtype; call inside the model's tower context, before any weight is loaded."""
-        self.plugin = load_plugin(vllm_config.model_config.hf_config)
+        config = vllm_config.model_config.hf_config
+        self.plugin = load_plugin(config)
         if self.plugin is not None:
             fusion = self.plugin.load_fusion()
             setattr(self, FUSION, fusion.to(dtype=vllm_config.model_config.dtype))
+            self.vision_cache = VisionCache(getattr(config, VISION_CACHE_FIELD, VISION_CACHE_DEFAULT))
+
+    def item_features(self, count: int, fields: dict, compute: Callable[[list[int]], list[Tensor]]) -> list[Tensor]:
+        """Per item of a batch of ``count``, its image's host features (with a plugin through the
+        vision cache, which encodes each image once).
+
+        compute: (indices of the items to encode) -> their features (V_i, vision_dim).
+        """
+        if self.plugin is None:
+            return compute(list(range(count)))
+        keys = [bytes(k.tolist()) for k in as_list(fields["qfusion_image_key"])]
+        return self.vision_cache.features(keys, compute)
 
     def fuse(self, features: list[Tensor], fields: dict) -> list[Tensor]:
         """Per item, its fused tokens (k, LLM width): the features of its image fused with its questions.

@@ -32,7 +32,7 @@ from vllm.model_executor.models.utils import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from qfusion_vllm.fusion import FusionPart, distinct
+from qfusion_vllm.fusion import FusionPart
 from qfusion_vllm.processing import QFusionDummyInputsBuilder, QFusionMultiModalProcessor, QFusionProcessingInfo
 
 
@@ -167,13 +167,12 @@ class QFusionLlavaForConditionalGeneration(nn.Module, FusionPart, SupportsMultiM
         if pixel_values is None:
             return []
         images = list(pixel_values.unbind(0)) if isinstance(pixel_values, Tensor) else list(pixel_values)
-        firsts, index = distinct(images)
-        features = self._host_features(torch.stack([images[i] for i in firsts]))
-        per_item = [features[i] for i in index]
+        features = self.item_features(len(images), kwargs, lambda chosen: list(
+            self._host_features(torch.stack([images[i] for i in chosen])).unbind(0)))
         if self.plugin is None:
-            return per_item
+            return features
         dtype = self.language_model.model.embed_tokens.weight.dtype
-        return [tokens.to(dtype) for tokens in self.fuse(per_item, kwargs)]
+        return [tokens.to(dtype) for tokens in self.fuse(features, kwargs)]
 
     def forward(self, input_ids: Tensor | None, positions: Tensor, intermediate_tensors=None,
                 inputs_embeds: Tensor | None = None, **kwargs: object):

@@ -43,10 +43,11 @@ from qfusion_vllm.turns import Item, TurnMarkers, plan
 BUDGET_KWARG = "qfusion_budget"
 """Per-request ``mm_processor_kwargs`` key: the budget (m, n), as the host's ``qfusion_budget``."""
 
-QUESTION_FIELDS = ("qfusion_question_ids", "qfusion_question_lengths", "qfusion_budget")
-"""Per image item: its questions' ids one after another, their lengths (the last is its own), (m, n)."""
+QUESTION_FIELDS = ("qfusion_question_ids", "qfusion_question_lengths", "qfusion_budget", "qfusion_image_key")
+"""Per image item: its questions' ids one after another, their lengths (the last is its own), (m, n),
+and its image's content hash (the key of the model's vision cache) as bytes."""
 
-_ITEMS_KEY = "_qfusion_items"  # the request's image items (questions per item), in its processor kwargs
+_ITEMS_KEY = "_qfusion_items"  # the request's image items with their image keys, in its processor kwargs
 
 
 class QFusionProcessingInfo(BaseProcessingInfo):
@@ -215,7 +216,10 @@ class QFusionMultiModalProcessor(BaseMultiModalProcessor[QFusionProcessingInfo])
         uuids = inputs.mm_uuid_items
         if uuids and uuids.get("image") is not None:
             uuids = {**uuids, "image": [uuids["image"][item.visual] for item in items]}
-        kwargs = {**inputs.hf_processor_mm_kwargs, _ITEMS_KEY: items}
+        algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
+        keys = {v: bytes.fromhex(MultiModalHasher.hash_kwargs(algorithm, image=images.get_item_for_hash(v)))
+                for v in {item.visual for item in items}}
+        kwargs = {**inputs.hf_processor_mm_kwargs, _ITEMS_KEY: [(item, keys[item.visual]) for item in items]}
         return super().apply(replace(inputs, prompt=layout.prompt, mm_data_items=data_items, mm_uuid_items=uuids,
                                      hf_processor_mm_kwargs=kwargs), timing_ctx)
 
@@ -226,13 +230,13 @@ class QFusionMultiModalProcessor(BaseMultiModalProcessor[QFusionProcessingInfo])
         if items is None:
             return hashes
         algorithm = self.info.ctx.get_mm_config().mm_hasher_algorithm
-        return {**hashes, "image": [_fold(algorithm, h, item) for h, item in zip(hashes["image"], items)]}
+        return {**hashes, "image": [_fold(algorithm, h, item) for h, (item, _) in zip(hashes["image"], items)]}
 
     def _get_cache_missing_processor_kwargs(self, inputs, mm_is_cached):
         kwargs = dict(inputs.hf_processor_mm_kwargs)
         items = kwargs.get(_ITEMS_KEY)
         if items is not None:
-            kwargs[_ITEMS_KEY] = [item for item, hit in zip(items, mm_is_cached.get("image", [])) if not hit]
+            kwargs[_ITEMS_KEY] = [entry for entry, hit in zip(items, mm_is_cached.get("image", [])) if not hit]
         return kwargs
 
     # ------------------------------------------------------------------ items -> fields
@@ -240,14 +244,15 @@ class QFusionMultiModalProcessor(BaseMultiModalProcessor[QFusionProcessingInfo])
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         images = list(hf_data.get("images") or [])
         data = self._process_images(images, hf_kwargs)
-        items: Sequence[Item] | None = hf_kwargs.get(_ITEMS_KEY)
+        items: Sequence[tuple[Item, bytes]] | None = hf_kwargs.get(_ITEMS_KEY)
         if items is not None:
             budget = torch.tensor(list(self.info.budget(hf_kwargs)), dtype=torch.long)
             data["qfusion_question_ids"] = [torch.tensor([t for q in item.questions for t in q], dtype=torch.long)
-                                            for item in items]
+                                            for item, _ in items]
             data["qfusion_question_lengths"] = [torch.tensor([len(q) for q in item.questions], dtype=torch.long)
-                                                for item in items]
+                                                for item, _ in items]
             data["qfusion_budget"] = budget.expand(len(items), 2).clone()
+            data["qfusion_image_key"] = [torch.tensor(list(key), dtype=torch.uint8) for _, key in items]
         return BatchFeature(data)
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]):

@@ -31,7 +31,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from qfusion.adapters.qwen_vl import fused_grid
-from qfusion_vllm.fusion import FusionPart, as_list, distinct
+from qfusion_vllm.fusion import FusionPart, as_list
 from qfusion_vllm.processing import QFusionDummyInputsBuilder, QFusionMultiModalProcessor, QFusionProcessingInfo
 
 
@@ -159,13 +159,12 @@ class QwenVLForConditionalGeneration(nn.Module, FusionPart, SupportsMultiModal, 
         if not isinstance(pixel_values, Tensor):
             pixel_values = torch.cat(list(pixel_values))
         images = list(pixel_values.split(grids.prod(-1).tolist()))
-        firsts, index = distinct(images)
-        features = self._host_features(torch.cat([images[i] for i in firsts]), grids[firsts])
-        per_item = [features[i] for i in index]
+        features = self.item_features(len(images), kwargs, lambda chosen: self._host_features(
+            torch.cat([images[i] for i in chosen]), grids[chosen]))
         if self.plugin is None:
-            return per_item
+            return features
         dtype = self.language_model.model.embed_tokens.weight.dtype
-        return [tokens.to(dtype) for tokens in self.fuse(per_item, kwargs)]
+        return [tokens.to(dtype) for tokens in self.fuse(features, kwargs)]
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[Tensor, int]:
         """The host's rope index over the prompt: per fused item the virtual grid of its k tokens
