@@ -75,11 +75,9 @@ class QFusionProcessingInfo(BaseProcessingInfo):
     def budget(self, mm_kwargs: Mapping[str, object]) -> Budget:
         """The (m, n) of a request: its ``qfusion_budget`` or the plugin's."""
         plugin = self.plugin
-        requested = mm_kwargs.get(BUDGET_KWARG)
         if plugin is None:
-            if requested is not None:
-                raise ValueError(f"mm_processor_kwargs: {BUDGET_KWARG!r} needs a qfusion plugin (none is configured)")
-            raise ValueError("qfusion_plugin: the host is served alone; there is no budget")
+            raise ValueError(f"mm_processor_kwargs: {BUDGET_KWARG!r} needs a qfusion plugin (none is configured)")
+        requested = mm_kwargs.get(BUDGET_KWARG)
         if requested is None:
             return plugin.config.budget
         return Budget.of(requested, name=f"mm_processor_kwargs[{BUDGET_KWARG!r}]",
@@ -190,20 +188,16 @@ class QFusionMultiModalProcessor(BaseMultiModalProcessor[QFusionProcessingInfo])
         """Plan the request's items (a placeholder run before every follow-up question) before vLLM's
         own processing; a bad budget or a prompt qfusion cannot read fails here."""
         info = self.info
-        if info.plugin is None:
-            if BUDGET_KWARG in inputs.hf_processor_mm_kwargs:
-                info.budget(inputs.hf_processor_mm_kwargs)
-            return super().apply(inputs, timing_ctx)
-        info.budget(inputs.hf_processor_mm_kwargs)
+        if info.plugin is not None or BUDGET_KWARG in inputs.hf_processor_mm_kwargs:
+            info.budget(inputs.hf_processor_mm_kwargs)  # a bad budget, or one without a plugin, fails here
         images = inputs.mm_data_items.get("image")
-        if not images:
+        if info.plugin is None or not images:
             return super().apply(inputs, timing_ctx)
         if not isinstance(images, ProcessorBatchItems):
             raise ValueError("image: the qfusion plugin fuses images, not precomputed image embeddings")
         tokens = info.tokens
         run = [t for t in (tokens.start, tokens.image, tokens.end) if t is not None]
-        skip = {t for t in (tokens.start, tokens.image, tokens.end) if t is not None}
-        layout = plan(inputs.prompt, info.turn_markers, {tokens.image: "image"}, lambda _: run, skip,
+        layout = plan(inputs.prompt, info.turn_markers, {tokens.image: "image"}, lambda _: run, set(run),
                       info.question_ids, info.is_space)
         items = layout.items.get("image", [])
         placeholders = len({item.visual for item in items})

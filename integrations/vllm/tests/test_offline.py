@@ -155,3 +155,11 @@ def test_plugin_that_does_not_fit_the_host_is_refused_at_load(built):
     assert done.returncode != 0
     assert "has vision_dim=192, this host needs vision_dim=128" in done.stdout + done.stderr
 
+
+
+def test_qwen3_vl_host_without_plugin_is_refused_at_load(built):
+    artifacts = built("qwen3_vl")
+    done = run_engine("qwen3_vl", artifacts.root, "alone", artifacts.host, qfusion_vllm.hf_overrides(model_type="qwen3_vl"),
+                      [[chat("x", ("what is this ?", artifacts.images[:1]))]], 1)
+    assert done.returncode != 0
+    assert "qfusion_plugin: required for a 'qwen3_vl' host" in done.stdout + done.stderr
