@@ -1,5 +1,6 @@
-"""The README and docs/*.md: every python block runs under some test, links resolve, the prefill table and the
-demo's output are the committed JSON's, the README stays short, and the license that pyproject declares is there."""
+"""The README and docs/*.md: every python block runs under some test, links resolve, the prefill and serving tables
+and the demo's output are the committed JSON's, the README stays short, and the license that pyproject declares is
+there."""
 
 import ast
 import importlib.util
@@ -95,6 +96,16 @@ def test_prefill_table_is_printed_from_the_committed_json(monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, prefill)  # its dataclasses look their module up while it loads
     spec.loader.exec_module(prefill)
     table = prefill.markdown_table(json.loads((ROOT / "benchmarks" / "results" / "prefill-cpu.json").read_text()))
+    assert table.count("\n") > 10
+    assert table in (ROOT / "docs" / "kernels.md").read_text()
+
+
+def test_serving_table_is_printed_from_the_committed_json():
+    spec = importlib.util.spec_from_file_location("qfusion_vllm_benchmark", ROOT / "benchmarks" / "bench_vllm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = json.loads((ROOT / "benchmarks" / "results" / "vllm-cpu-x86-64-2-threads.json").read_text())
+    table = bench.markdown_table(result)
     assert table.count("\n") > 10
     assert table in (ROOT / "docs" / "kernels.md").read_text()
 
