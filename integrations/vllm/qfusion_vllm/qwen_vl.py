@@ -148,7 +148,8 @@ class QwenVLForConditionalGeneration(nn.Module, FusionPart, SupportsMultiModal, 
 
     def _host_features(self, pixel_values: Tensor, grid_thw: Tensor) -> list[Tensor]:
         """Per image, the host's features after the patch merger (what its own get_image_features gives)."""
-        out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw, return_dict=True)
+        out = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid_thw.to(pixel_values.device),
+                          return_dict=True)
         return list(out.pooler_output.split((grid_thw.prod(-1) // self.merge_size ** 2).tolist()))
 
     def embed_multimodal(self, **kwargs: object):

@@ -117,14 +117,13 @@ class TurnMarkers:
         return cls(tuple(between[-common:]), end)
 
     def user_turns(self, prompt: Sequence[int]) -> list[tuple[int, int]]:
-        """(start, stop) of the text of every user turn of ``prompt``, in order."""
-        if self.opening is None:
-            starts = [0]
-        else:
-            starts, at = [], find(prompt, self.opening)
-            while at >= 0:
-                starts.append(at + len(self.opening))
-                at = find(prompt, self.opening, starts[-1])
+        """(start, stop) of the text of every user turn of ``prompt``, in order; a prompt without the
+        template's turn openings (a raw prompt) is one user turn."""
+        starts, at = [], -1 if self.opening is None else find(prompt, self.opening)
+        while at >= 0:
+            starts.append(at + len(self.opening))
+            at = find(prompt, self.opening, starts[-1])
+        starts = starts or [0]
         turns = []
         for i, start in enumerate(starts):
             limit = starts[i + 1] - len(self.opening) if i + 1 < len(starts) else len(prompt)

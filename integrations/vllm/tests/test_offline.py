@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+import qfusion
 import qfusion_vllm
 import tiny
 from conftest import engine_outputs, run_engine
@@ -110,14 +111,13 @@ def test_two_questions_about_one_image_never_share_fused_tokens(served):
     right = check(served, "second_question")["tokens"]
     # what the second request would say with the first question's fused tokens (a shared cache entry)
     model = tiny.load_host(artifacts.host)
-    import qfusion
-
     qfusion.attach(model, artifacts.plugin)
     second = tiny.reference_inputs(artifacts.host, model, by_name["second_question"])
     first = tiny.reference_inputs(artifacts.host, model, by_name["first_question"])
     swapped = dict(second, qfusion_input_ids=first["qfusion_input_ids"],
                    qfusion_attention_mask=first["qfusion_attention_mask"])
-    assert tiny.greedy(model, swapped, STEPS, tiny.SUPPRESS[artifacts.kind]) != right, "the test cannot tell shared fused tokens apart"
+    wrong = tiny.greedy(model, swapped, STEPS, tiny.SUPPRESS[artifacts.kind])
+    assert wrong != right, "the test cannot tell shared fused tokens apart"
 
 
 def test_repeated_request_reuses_cache_with_the_same_tokens(served):

@@ -135,3 +135,8 @@ def test_without_plugin_every_vision_token_is_a_placeholder(built, kind):
     assert "qfusion_question_ids" not in out["mm_kwargs"]["image"][0]
     with pytest.raises(ValueError, match="'qfusion_budget' needs a qfusion plugin"):
         run(host, kind, chat("c", ("what is this ?", artifacts.images[:1]), mm_processor_kwargs={"qfusion_budget": [3, 1]}))
+
+
+def test_profiling_inputs_are_the_largest_images_at_the_largest_budget(processor):
+    dummy = processor.get_dummy_mm_inputs({"image": 2})  # a raw prompt: one turn, both images fused with it
+    assert [p.length for p in dummy["mm_placeholders"]["image"]] == [16, 16]  # codebook_size

@@ -41,6 +41,12 @@ def test_user_turns_span_the_user_texts_only():
     assert [prompt[a:b] for a, b in turns] == [ids(kind, "what is this ?"), ids(kind, "red ?")]
 
 
+def test_a_raw_prompt_without_the_templates_turns_is_one_turn():
+    kind = "qwen2_5_vl"
+    prompt = ids(kind, "<|vision_start|> <|image_pad|> <|vision_end|> what is this ? <|image_pad|> how many ?")
+    assert markers(kind).user_turns(prompt) == [(0, len(prompt))]
+
+
 def test_without_a_template_the_prompt_is_one_turn_up_to_the_given_end():
     tok = tiny.tokenizer("llava")
     marks = TurnMarkers.from_chat_template(tok, None, "<image>", end_text="?")

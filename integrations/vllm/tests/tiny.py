@@ -102,9 +102,9 @@ def build_host(kind: str, directory: str, text_hidden: int = 128) -> str:
         vision = transformers.CLIPVisionConfig(image_size=LLAVA_IMAGE_SIZE, patch_size=14, hidden_size=128,
                                                intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                                                projection_dim=64, initializer_range=0.2)
-        config = transformers.LlavaConfig(vision_config=vision, text_config=transformers.LlamaConfig(**_text(kind, text_hidden)),
-                                          image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-2,
-                                          vision_feature_select_strategy="default")
+        text = transformers.LlamaConfig(**_text(kind, text_hidden))
+        config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                                          vision_feature_layer=-2, vision_feature_select_strategy="default")
         model_class = transformers.LlavaForConditionalGeneration
     else:
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=text_hidden,
