@@ -28,7 +28,6 @@ import argparse
 import functools
 import inspect
 import itertools
-import json
 import math
 import platform
 import re
@@ -43,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from qfusion.files import write_json
 from qfusion.layout import pack
 from qfusion.ops.attention import eager_attention, pad_packed, padded_mask
 from qfusion.ops.checks import interpreter_active
@@ -518,12 +518,12 @@ def main(argv=None) -> dict:
             from qfusion.ops.triton import tuned_configs
 
             result["autotuned"] = tuned_configs()
-        path.write_text(json.dumps(result, indent=2) + "\n")  # as it goes: a crash keeps what was measured
+        write_json(result, path)  # as it goes: a crash keeps what was measured
     add_ratios(rows)
     print_table(rows, peak)
     result["goals"] = goal_table(rows)
     print_goals(result["goals"])
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, path)
     print(f"wrote {path}")
     return result
 

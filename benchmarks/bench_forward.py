@@ -10,7 +10,6 @@ attention implementation, and a follow-up question through the cached prefix (`s
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qfusion import FusionConfig, QuestionFusion
+from qfusion.files import write_json
 
 
 def timed(fn, repeats: int) -> float:
@@ -45,7 +45,9 @@ def main(argv=None) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = FusionConfig(vision_dim=1280, m=args.m, n=args.n, attn_impl="sdpa")
+    # a 7B LLaVA-1.5-shaped host: 4096-wide LLM, 32,000-token vocabulary (the plugin's sizes follow them)
+    config = FusionConfig(vision_dim=1280, output_dim=4096, text_vocab_size=32000, m=args.m, n=args.n,
+                          attn_impl="sdpa")
     fusion = QuestionFusion(config).to(device=device, dtype=dtype).eval()
     params = sum(p.numel() for p in fusion.parameters())
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
         print(f"{row['case']:<42} {row['seconds']:>10.3f}")
     out = Path(args.out or Path(__file__).parent / "results" / f"forward-{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out)
     return result
 
 

@@ -14,7 +14,8 @@ Every request of every level, mode and conversation carries an image no earlier 
 vLLM's prefix and multimodal caches cannot serve one level from another; the server's own counters
 (``/metrics``) give each level's prefix-cache and multimodal-cache hit rates, which the JSON records
 (the multi-turn case reuses its conversation's history on purpose). It prints a table and writes
-JSON to ``benchmarks/results/vllm-<device>.json``; :func:`markdown_table` prints the docs' table from it.
+JSON to ``benchmarks/results/vllm-<device>.json``; :func:`markdown_table` prints the docs' table from it,
+:func:`summary_table` the README's.
 
 The hosts are synthetic, built offline and sized like the prefill benchmark: a 134M-parameter LLM (12
 layers, 768 wide, head_dim 64; Llama for LLaVA, Qwen2 with M-RoPE for Qwen2.5-VL), a small vision
@@ -373,6 +374,22 @@ def _row(rows: list[dict], host: str, mode: str, **match) -> dict:
     return next(r for r in rows if r["host"] == host and r["mode"] == mode and all(r.get(k) == v for k, v in match.items()))
 
 
+def summary_table(result: dict) -> str:
+    """The README's table: per host and mode, requests/s at each concurrency and the mean TTFT of each
+    turn of the multi-turn case (the whole table, with cache hit rates, is ``markdown_table``)."""
+    rows, levels, turns = result["rows"], result["settings"]["concurrency"], result["settings"]["turns"]
+    header = ("| host | mode | " + " | ".join(f"req/s at {c}" for c in levels) + " | "
+              + " | ".join(f"TTFT turn {t}" for t in range(1, turns + 1)) + " |")
+    lines = [header, "| --- | --- |" + " --- |" * (len(levels) + turns)]
+    for host in result["hosts"]:
+        for mode in result["modes"]:
+            speeds = [f"{_row(rows, host, mode, case='single', concurrency=c)['requests_per_s']:.2f}" for c in levels]
+            ttfts = [f"{_row(rows, host, mode, case='multi_turn', turn=t)['ttft_mean_s']:.3f} s"
+                     for t in range(1, turns + 1)]
+            lines.append(f"| {host} | {mode} | " + " | ".join(speeds + ttfts) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(result: dict) -> str:
     """The docs' table: per host and concurrency, requests/s and mean TTFT of each mode and the plugin's
     speed-up, then per turn of the multi-turn case the mean TTFT; cache hit rates per row."""
@@ -467,9 +484,11 @@ def main() -> None:
               "load_average": {"before": load_before, "after": os.getloadavg()},  # (1, 5, 15 min)
               "rows": rows}
     print("\n" + markdown_table(result))
+    print("\n" + summary_table(result))
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"vllm-{device_name()}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    from qfusion.files import write_json
+
+    write_json(result, out)
     print(f"\nwrote {out}")
 
 

@@ -55,6 +55,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import qfusion
 from qfusion import FusionConfig, QuestionFusion
 from qfusion.adapters import FusionCache
+from qfusion.files import write_json
 
 VOCAB = 32064
 IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, VISION_START, VISION_END = 32000, 32001, 32002, 32003
@@ -447,7 +448,7 @@ def main(argv=None) -> dict:
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"prefill-{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, out)
     print(f"written {out}")
     return result
 

@@ -96,7 +96,7 @@ def _add_budget(subparsers) -> None:
 
 def _run_budget(args) -> int:
     from qfusion.scaling import POOR_FIT_R2, PoorFitWarning, load_fits, smallest_budget
-    from qfusion.scaling.files import write_json
+    from qfusion.files import write_json
 
     try:
         _check_outputs(json=args.json)
@@ -180,7 +180,7 @@ def _run_divergence(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qfusion.scaling import branch_divergence, plot_divergence
-    from qfusion.scaling.files import write_json
+    from qfusion.files import write_json
     from qfusion.scaling.optional import require
 
     try:

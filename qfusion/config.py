@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from qfusion.budget import Budget
+from qfusion.files import write_json
 from qfusion.layout import POLICIES
 from qfusion.ops.attention import IMPLEMENTATIONS
 
@@ -197,8 +198,7 @@ class FusionConfig:
         """Write config.json into save_directory (created if needed); returns the file path."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w") as f:
-            json.dump(self.architecture_dict(), f, indent=2, sort_keys=True)
+        write_json(self.architecture_dict(), path, sort_keys=True)
         return path
 
     @classmethod

@@ -34,6 +34,7 @@ from typing import Any
 from safetensors.torch import load_model, save_model
 
 from qfusion.config import CONFIG_NAME, FusionConfig
+from qfusion.files import write_json
 from qfusion.model import WEIGHTS_NAME, QuestionFusion
 from qfusion.vision import HDFrontEnd
 
@@ -251,7 +252,7 @@ def save_plugin(directory: str | os.PathLike, fusion: QuestionFusion, settings: 
         owned.append(CARD_NAME)
     with _staged(directory, owned, marker=ADAPTER_CONFIG_NAME) as staging:
         fusion.save_pretrained(staging)
-        _write_json(os.path.join(staging, ADAPTER_CONFIG_NAME), settings.to_json())
+        write_json(settings.to_json(), os.path.join(staging, ADAPTER_CONFIG_NAME), sort_keys=True)
         if hd is not None:
             save_model(hd, os.path.join(staging, HD_WEIGHTS_NAME))
         if processor is not None:
@@ -276,7 +277,7 @@ def save_processor_settings(directory: str | os.PathLike, settings: dict, questi
 def _write_processor(staging: str, settings: dict, question_tokenizer) -> None:
     if question_tokenizer is not None:
         question_tokenizer.save_pretrained(os.path.join(staging, QUESTION_TOKENIZER_DIR))
-    _write_json(os.path.join(staging, PROCESSOR_CONFIG_NAME), settings)
+    write_json(settings, os.path.join(staging, PROCESSOR_CONFIG_NAME), sort_keys=True)
 
 
 @contextlib.contextmanager
@@ -307,11 +308,6 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.remove(path)
-
-
-def _write_json(path: str, data) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
 
 
 HOST_FIELDS = ("vision_dim", "output_dim", "text_vocab_size")

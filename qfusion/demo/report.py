@@ -3,15 +3,12 @@ baselines against the trained compressors), the honesty check, the tables, JSON 
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from qfusion import files
 from qfusion.demo.baselines import pool_shape
 from qfusion.demo.data import CELLS, QUESTION_TYPES, require
 from qfusion.demo.turns import format_turns
@@ -319,33 +316,9 @@ def plot(summary: dict, fits: dict, chance: dict, budgets: tuple[int, ...], path
         axes.grid(True, which="both", alpha=0.3)
     figure.suptitle("digit grids through one frozen reader: trained compressors vs training-free baselines")
     figure.tight_layout(rect=(0, 0.07, 1, 1))
-    return _atomic(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
-
-
-def _atomic(path: Path, write) -> Path:
-    """Call write(temporary path) beside path, then move the result over path in one step, so a reader
-    never sees a half-written file (and an interrupted run leaves the old one)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return files.write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
 
 
 def write_json(results: dict, path: Path) -> Path:
     """results.json, with floats kept JSON-valid (NaN becomes null); written atomically."""
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    text = json.dumps(clean(results), indent=2) + "\n"
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return files.write_json(results, path)

@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from qfusion.scaling.divergence import DivergenceResult
-from qfusion.scaling.files import write_atomically
+from qfusion.files import write_atomically
 from qfusion.scaling.optional import require
 from qfusion.scaling.power_law import POOR_FIT_R2, PoorFitWarning, PowerLawFit, fit_power_law
 

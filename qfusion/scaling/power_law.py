@@ -26,7 +26,7 @@ from typing import Mapping
 import numpy as np
 
 from qfusion.scaling.checks import count, number
-from qfusion.scaling.files import write_json
+from qfusion.files import write_json
 from qfusion.scaling.optional import require
 
 NO_POWER_LAW = 1e-6

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
-import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from torch import Tensor, nn
 
 from qfusion.adapters import FUSION_MODULE, get_adapter, unwrap_model
 from qfusion.budget import Budget
+from qfusion.files import write_atomically, write_json
 from qfusion.training.card import read_stages, trained_budgets
 from qfusion.training.config import METRICS, TrainConfig
 from qfusion.training.data import ConversationDataset, Sample, check_record, load_conversations
@@ -258,20 +257,14 @@ def score_rows(result: dict) -> list[dict]:
 
 
 def write_scores_csv(rows: list[dict], path: Path) -> None:
-    """scores.csv: the rows :func:`score_rows` builds (what ``qfusion fit`` reads)."""
-    staging = path.with_suffix(".tmp")
-    with staging.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["series", "tokens", "m", "n", *METRICS, "count"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(staging, path)
+    """scores.csv: the rows :func:`score_rows` builds (what ``qfusion fit`` reads), written atomically."""
+    def dump(temporary: Path) -> None:
+        with temporary.open("x", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["series", "tokens", "m", "n", *METRICS, "count"])
+            writer.writeheader()
+            writer.writerows(rows)
 
-
-def write_json(data, path: Path) -> None:
-    """A JSON file written atomically."""
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(data, indent=2))
-    os.replace(staging, path)
+    write_atomically(path, dump)
 
 
 def format_table(result: dict, metric: str = "vqa_match") -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qfusion.files import write_json
 from qfusion.training.card import plugin_card, read_stages, stage_record
 from qfusion.training.collator import Collator
 from qfusion.training.config import TRAINING_STAGES, TrainConfig
@@ -97,9 +98,7 @@ def resume_point(config: TrainConfig) -> str | None:
 def _write_record(config: TrainConfig) -> None:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / (CONFIG_RECORD + ".tmp")
-    staging.write_text(json.dumps(config.to_dict(), indent=2))
-    os.replace(staging, out / CONFIG_RECORD)
+    write_json(config.to_dict(), out / CONFIG_RECORD)
 
 
 def train(config: TrainConfig, *, host=None, host_processor=None, train_dataset=None) -> dict:

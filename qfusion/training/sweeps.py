@@ -21,9 +21,10 @@ import warnings
 from pathlib import Path
 
 from qfusion.config import RUNTIME_FIELDS, FusionConfig
+from qfusion.files import write_json
 from qfusion.training.config import MODES, TrainConfig, merge
 from qfusion.training.data import ConversationDataset, load_conversations
-from qfusion.training.evaluation import score_rows, write_json, write_scores_csv
+from qfusion.training.evaluation import score_rows, write_scores_csv
 from qfusion.training.host import new_fusion_config, parse_budgets, powers_up_to, process_state
 from qfusion.training.run import train
 

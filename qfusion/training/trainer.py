@@ -24,6 +24,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from qfusion.files import write_text
 from qfusion.losses import contrastive_loss, generation_loss, identity_loss
 from qfusion.training.collator import scored_tokens
 from qfusion.training.config import AlignConfig
@@ -61,12 +62,7 @@ def trim_metrics(path: str, step: int) -> None:
     """Keep only the steps <= ``step`` of a metrics file (those a resumed run will not log again),
     rewritten atomically."""
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    staging = path + ".tmp"
-    with open(staging, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class QFusionTrainer(Trainer):

@@ -1,10 +1,10 @@
-"""qfusion.scaling.files: a file is replaced whole or not at all."""
+"""qfusion.files: a file is replaced whole or not at all."""
 
 import json
 
 import pytest
 
-from qfusion.scaling.files import write_atomically, write_json
+from qfusion.files import write_atomically, write_json, write_text
 
 
 def test_write_json_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -33,3 +33,15 @@ def test_a_missing_directory_is_named_with_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"path: no directory '.*missing' to write '.*missing/fits.json' in"):
         write_json({}, tmp_path / "missing" / "fits.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_json_writes_non_finite_floats_as_null_and_sorts_keys_on_request(tmp_path):
+    path = write_json({"b": [float("nan"), 1.5], "a": {"c": float("inf")}}, tmp_path / "fit.json", sort_keys=True)
+    text = path.read_text()
+    assert json.loads(text) == {"a": {"c": None}, "b": [None, 1.5]}
+    assert text.index('"a"') < text.index('"b"') and text.endswith("\n")
+
+
+def test_write_text_keeps_the_text_exactly(tmp_path):
+    text = '{"step": 1}\n{"step": 2}\n'
+    assert write_text(tmp_path / "metrics.jsonl", text).read_text() == text
