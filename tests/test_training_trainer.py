@@ -55,11 +55,12 @@ if len(sys.argv) > 3:
 """
 
 
-def start(folder, runner, workspace, name, kill="none", *, resume=False, processes=1, grad_accum=2, eval_dir=None):
-    """Start one training run in its own process(es); returns the Popen."""
+def start(folder, runner, workspace, name, kill="none", *, resume=False, processes=1, grad_accum=2, eval_dir=None,
+          data=None):
+    """Start one training run in its own process(es); returns the Popen. data: more data settings."""
     values = settings(workspace, stage="elastic", output_dir=str(folder / name), resume=resume,
                       elastic={"budgets": [1, 2, 4]}, data={"train": str(workspace / "mixed.jsonl"),
-                                                           "image_root": str(workspace)})
+                                                           "image_root": str(workspace), **(data or {})})
     values["optim"].update(batch_size=2, grad_accum=grad_accum, max_steps=8, lr=1e-3)
     values["log"].update(save_every=2, save_total_limit=None)
     values["eval"].update(baselines=["random"])
