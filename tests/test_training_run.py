@@ -190,6 +190,22 @@ def test_gradient_checkpointing_changes_no_loss(colour_workspace):
     assert layers and all(m.gradient_checkpointing for m in layers)
 
 
+def test_report_to_tensorboard_writes_the_logged_losses(colour_workspace):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = colour_workspace
+    out = root / "tensorboard"
+    train(config(root, stage="generate", output_dir=str(out), optim={"max_steps": 3},
+                 log={"report_to": "tensorboard", "save_every": 3}))
+    (run,) = (out / "runs").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in metrics(out)]
+    assert [step for step, _ in logged] == [1, 2, 3]
+
+
 def test_settings_that_contradict_the_plugin_or_an_earlier_run_are_errors(colour_workspace):
     root = colour_workspace
     align = root / "align-for-checks"
