@@ -152,3 +152,16 @@ def test_readme_serving_table_is_printed_from_the_committed_json():
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Serve"):readme.index("### Benchmark")]
     assert table in section and result["vllm"] in section and "2-core" in section
+
+
+def test_readme_demo_numbers_are_printed_by_the_committed_run():
+    from qfusion.demo.report import format_timing, render
+
+    results = json.loads((ROOT / "docs" / "demo_results.json").read_text())
+    report = f"{render(results)}\n{format_timing(results)}"
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### The demo"):readme.index("## Documentation")]
+    stated = re.findall(r"\d+\.\d+", section)
+    assert len(stated) >= 6
+    assert [number for number in stated if number not in report] == []
+    assert f"{results['wall_time_s']:.0f} s" in section and str(len(results["recipe"]["seeds"])) + "-seed" in section
