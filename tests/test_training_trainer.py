@@ -11,6 +11,7 @@ samples per step) train and evaluate like it.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -55,19 +56,26 @@ if len(sys.argv) > 3:
 """
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def start(folder, runner, workspace, name, kill="none", *, resume=False, processes=1, grad_accum=2, eval_dir=None,
-          data=None):
-    """Start one training run in its own process(es); returns the Popen. data: more data settings."""
-    values = settings(workspace, stage="elastic", output_dir=str(folder / name), resume=resume,
+          data=None, stage="elastic", batch_size=2, align=None):
+    """Start one training run in its own process(es); returns the Popen. data, align: more settings."""
+    values = settings(workspace, stage=stage, output_dir=str(folder / name), resume=resume,
                       elastic={"budgets": [1, 2, 4]}, data={"train": str(workspace / "mixed.jsonl"),
-                                                           "image_root": str(workspace), **(data or {})})
-    values["optim"].update(batch_size=2, grad_accum=grad_accum, max_steps=8, lr=1e-3)
+                                                           "image_root": str(workspace), **(data or {})},
+                      align=align or {})
+    values["optim"].update(batch_size=batch_size, grad_accum=grad_accum, max_steps=8, lr=1e-3)
     values["log"].update(save_every=2, save_total_limit=None)
     values["eval"].update(baselines=["random"])
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(values))
     launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                       "--nproc_per_node", str(processes), "--master_port", "29517"]
+                                                       "--nproc_per_node", str(processes), "--master_port", str(free_port())]
     command = launcher + [str(runner), str(path), kill] + ([str(folder / eval_dir)] if eval_dir else [])
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -120,6 +120,8 @@ class AlignConfig:
     identity_weight: float = setting(1.0, "weight λ of the identity loss: contrastive + λ·identity")
     identity_scope: str = setting("group", "identity loss over each group's slots ('group') or all slots of the "
                                            "batch ('batch', as the seed code)")
+    gather_negatives: bool = setting(True, "with several processes, contrast against every process's question "
+                                           "groups (false: this process's micro-batch only)")
 
     def __post_init__(self) -> None:
         _one_of("align.text_pooling", self.text_pooling, ("eos", "mean", "cls"))

@@ -80,8 +80,10 @@ class StageModel(nn.Module):
 
     def _align(self, budget, visual, answers) -> dict:
         fusion = self.adapter.fusion
-        if visual is None:  # only text-only records: nothing to align
-            return {"empty": fusion.eos.sum() * 0.0}
+        if visual is None:  # only text-only records: nothing to align, but the (empty) groups for a gather
+            none = fusion.eos.new_zeros(0, fusion.contrastive_head.out_features) * fusion.eos.sum()
+            return {"empty": fusion.eos.sum() * 0.0, "eos_embed": none, "answer_embed": none, "answer_ids": [],
+                    "slot_states": [], "logit_scale": fusion.logit_scale.clone()}
         host_inputs = {k: v for k, v in visual.items() if k != "labels"}
         questions = decode_questions(host_inputs["qfusion_input_ids"], host_inputs["qfusion_attention_mask"],
                                      host_inputs["input_ids"].shape[0])
@@ -94,7 +96,9 @@ class StageModel(nn.Module):
             first.append(first[-1] + len(sample))
         order = torch.tensor([first[b] + g for b, groups in plan.owners for g in groups])
         ids, mask = answers["input_ids"][order], answers["attention_mask"][order]
-        return {"eos_embed": out.eos_embed, "slot_states": out.slot_states, "logit_scale": fusion.logit_scale,
+        # the scale leaves through an operation: a bare parameter among the outputs is invisible to DDP's
+        # search for the parameters a forward used, which then marks its gradient ready twice
+        return {"eos_embed": out.eos_embed, "slot_states": out.slot_states, "logit_scale": fusion.logit_scale.clone(),
                 "answer_embed": self.answer_encoder(ids, mask), "answer_ids": [i[m.bool()] for i, m in zip(ids, mask)]}
 
     # ------------------------------------------------------------------ saving and loading

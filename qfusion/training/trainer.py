@@ -4,9 +4,9 @@ What it changes in ``Trainer`` (everything else — the loop, gradient accumulat
 DeepSpeed through accelerate, mixed precision, logging through ``report_to``, the progress bar,
 checkpoint rotation, resuming the optimizer, scheduler, RNG states and data order — is the Trainer's):
 
-* ``compute_loss``: the stage's loss (align: contrastive + λ·identity; generate / elastic: the
-  generation loss over the answer tokens, divided by the answer tokens of the whole accumulation
-  window on every process, counted in ``get_batch_samples``);
+* ``compute_loss``: the stage's loss (align: contrastive over every process's question groups +
+  λ·identity; generate / elastic: the generation loss over the answer tokens, divided by the answer
+  tokens of the whole accumulation window on every process, counted in ``get_batch_samples``);
 * ``_save`` / ``_load_from_checkpoint``: a checkpoint holds the plugin (+ LoRA, + the align stage's
   answer encoder), never the host;
 * ``_save_checkpoint``: a checkpoint is written into a staging folder and renamed into place when
@@ -105,7 +105,7 @@ class QFusionTrainer(Trainer):
         self._budgets.append(tuple(inputs["budget"]))
         outputs = model(**inputs)
         if self.stage == "align":
-            loss = outputs["empty"] if "empty" in outputs else self._align_loss(outputs)
+            loss = self._align_loss(outputs)
         else:
             count = num_items_in_batch if num_items_in_batch is not None else scored_tokens(inputs)
             loss = sum(generation_loss(logits, labels, num_items_in_batch=count) for logits, labels in outputs["parts"])
@@ -117,8 +117,21 @@ class QFusionTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _align_loss(self, outputs: dict) -> torch.Tensor:
-        contrastive = contrastive_loss(outputs["eos_embed"], outputs["answer_embed"], outputs["logit_scale"],
-                                       outputs["answer_ids"])
+        """Contrastive + λ·identity. With several processes and ``align.gather_negatives`` every process
+        contrasts the question groups of all of them (each process computes the same contrastive loss;
+        the gather's backward and the gradient averaging give the gradient of one process holding the
+        whole global micro-batch); the identity loss stays per process."""
+        gather = self.align.gather_negatives and self.args.world_size > 1
+        if "empty" in outputs and not gather:  # no visual record in this micro-batch: nothing to align
+            return outputs["empty"]
+        eos, answers, ids = outputs["eos_embed"], outputs["answer_embed"], outputs["answer_ids"]
+        if gather:
+            eos, answers, ids = gather_groups(eos, answers, ids)
+            if eos.shape[0] == 0:  # no process had a visual record
+                return outputs["empty"]
+        contrastive = contrastive_loss(eos, answers, outputs["logit_scale"], ids)
+        if not outputs["slot_states"]:
+            return contrastive
         identity = identity_loss(outputs["slot_states"], scope=self.align.identity_scope)
         return contrastive + self.align.identity_weight * identity
 
@@ -190,6 +203,28 @@ class QFusionTrainer(Trainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+
+def gather_groups(eos_embed: torch.Tensor, answer_embed: torch.Tensor, answer_ids: list[torch.Tensor]):
+    """Every process's (K_p, C) ⟨eos⟩ and answer embeddings, concatenated in process order (gradients flow
+    back to each process's own rows), and their answer ids. Processes may hold different K_p (0 included)."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    ids = [i.tolist() for i in answer_ids]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, ids)
+    sizes = [len(p) for p in everyone]
+    widest = max(sizes)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_zeros(widest - x.shape[0], x.shape[1])]) if x.shape[0] < widest else x
+
+    def joined(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part[:size] for part, size in zip(all_gather(padded(x)), sizes)])
+
+    device = eos_embed.device
+    return joined(eos_embed), joined(answer_embed), [torch.tensor(i, device=device) for p in everyone for i in p]
 
 
 def _sync_dir(path: str) -> None:
