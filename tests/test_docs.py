@@ -100,11 +100,16 @@ def test_prefill_table_is_printed_from_the_committed_json(monkeypatch):
     assert table in (ROOT / "docs" / "kernels.md").read_text()
 
 
-def test_serving_table_is_printed_from_the_committed_json():
+def vllm_benchmark():
+    """benchmarks/bench_vllm.py as a module, and its committed result."""
     spec = importlib.util.spec_from_file_location("qfusion_vllm_benchmark", ROOT / "benchmarks" / "bench_vllm.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = json.loads((ROOT / "benchmarks" / "results" / "vllm-cpu-x86-64-2-threads.json").read_text())
+    return bench, json.loads((ROOT / "benchmarks" / "results" / "vllm-cpu-x86-64-2-threads.json").read_text())
+
+
+def test_serving_table_is_printed_from_the_committed_json():
+    bench, result = vllm_benchmark()
     table = bench.markdown_table(result)
     assert table.count("\n") > 10
     assert table in (ROOT / "docs" / "kernels.md").read_text()
@@ -143,10 +148,7 @@ def test_the_license_pyproject_declares_is_a_file_of_the_package():
 
 
 def test_readme_serving_table_is_printed_from_the_committed_json():
-    spec = importlib.util.spec_from_file_location("qfusion_vllm_benchmark", ROOT / "benchmarks" / "bench_vllm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = json.loads((ROOT / "benchmarks" / "results" / "vllm-cpu-x86-64-2-threads.json").read_text())
+    bench, result = vllm_benchmark()
     table = bench.summary_table(result)
     assert table.count("\n") == 1 + len(result["hosts"]) * len(result["modes"])
     readme = (ROOT / "README.md").read_text()
