@@ -22,7 +22,7 @@ import shutil
 
 import torch
 from safetensors.torch import load_file, load_model, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from qfusion.adapters import get_adapter
 from qfusion.inputs import VisualPlan, decode_image_counts, decode_questions
@@ -76,13 +76,21 @@ class StageModel(nn.Module):
             if inputs is not None:
                 arguments = {k: v for k, v in inputs.items() if k != "labels"}
                 parts.append((self.host(**arguments).logits, inputs["labels"]))
+        if not any(logits.requires_grad for logits, _ in parts):  # only text-only records, no trained LLM weight
+            return {"parts": parts, "empty": self._zero()}
         return {"parts": parts}
+
+    def _zero(self) -> Tensor:
+        """A zero loss term that reaches the plugin, for a micro-batch that reaches no trained weight: its
+        backward still runs, and under DDP it runs through this forward's outputs, as DDP requires."""
+        return self.adapter.fusion.eos.sum() * 0.0
 
     def _align(self, budget, visual, answers) -> dict:
         fusion = self.adapter.fusion
         if visual is None:  # only text-only records: nothing to align, but the (empty) groups for a gather
-            none = fusion.eos.new_zeros(0, fusion.contrastive_head.out_features) * fusion.eos.sum()
-            return {"empty": fusion.eos.sum() * 0.0, "eos_embed": none, "answer_embed": none, "answer_ids": [],
+            zero = self._zero()
+            none = fusion.eos.new_zeros(0, fusion.contrastive_head.out_features) * zero
+            return {"empty": zero, "eos_embed": none, "answer_embed": none, "answer_ids": [],
                     "slot_states": [], "logit_scale": fusion.logit_scale.clone()}
         host_inputs = {k: v for k, v in visual.items() if k != "labels"}
         questions = decode_questions(host_inputs["qfusion_input_ids"], host_inputs["qfusion_attention_mask"],

@@ -111,9 +111,8 @@ class QFusionTrainer(Trainer):
             loss = sum(generation_loss(logits, labels, num_items_in_batch=count) for logits, labels in outputs["parts"])
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
-        if not loss.requires_grad:  # only text-only records and no trained LLM weight: nothing to learn here,
-            # but the step's backward (and every process's gradient reduction) still needs each trained weight
-            loss = loss + sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            if "empty" in outputs:  # nothing here reaches a trained weight
+                loss = loss + outputs["empty"]
         return (loss, outputs) if return_outputs else loss
 
     def _align_loss(self, outputs: dict) -> torch.Tensor:
