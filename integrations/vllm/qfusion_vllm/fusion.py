@@ -18,10 +18,11 @@ the model's device, outside the memory vLLM plans for.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
+from vllm.model_executor.models.utils import AutoWeightsLoader
 
 from qfusion.budget import Budget
 from qfusion.plugin import Plugin
@@ -74,8 +75,9 @@ class VisionCache:
 
 
 class FusionPart:
-    """Mixed into a served model (an ``nn.Module``): ``self.plugin`` and ``self.qfusion`` when the host
-    config names a plugin, and :meth:`fuse`."""
+    """Mixed into a served model (an ``nn.Module`` with ``language_model`` and ``hf_to_vllm_mapper``):
+    ``self.plugin`` and ``self.qfusion`` when the host config names a plugin, the items' embeddings
+    (:meth:`item_embeddings`, through :meth:`fuse`) and the host weights' loading."""
 
     plugin: Plugin | None
 
@@ -99,6 +101,24 @@ class FusionPart:
             return compute(list(range(count)))
         keys = [bytes(k.tolist()) for k in as_list(fields["qfusion_image_key"])]
         return self.vision_cache.features(keys, compute)
+
+    def item_embeddings(self, count: int, fields: dict, compute: Callable[[list[int]], list[Tensor]]) -> list[Tensor]:
+        """What ``embed_multimodal`` returns for a batch of ``count`` items: without a plugin each image's
+        host features, with one each item's fused tokens, in the LLM's dtype.
+
+        compute: (indices of the items to encode) -> their host features (V_i, d); see :meth:`item_features`.
+        """
+        features = self.item_features(count, fields, compute)
+        if self.plugin is None:
+            return features
+        dtype = self.language_model.model.embed_tokens.weight.dtype
+        return [tokens.to(dtype) for tokens in self.fuse(features, fields)]
+
+    def load_host_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        """The host checkpoint through vLLM's loader and the model's ``hf_to_vllm_mapper``; the fusion's
+        names with them (it came with the plugin at init)."""
+        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
+        return loaded | self.fusion_weight_names()
 
     def fuse(self, features: list[Tensor], fields: dict) -> list[Tensor]:
         """Per item, its fused tokens (k, LLM width): the features of its image fused with its questions.

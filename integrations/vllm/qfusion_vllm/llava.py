@@ -23,7 +23,6 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelL
 from vllm.model_executor.models.clip import CLIPVisionModel
 from vllm.model_executor.models.interfaces import SupportsMultiModal, SupportsPP
 from vllm.model_executor.models.utils import (
-    AutoWeightsLoader,
     WeightsMapper,
     get_layer_index,
     init_vllm_registered_model,
@@ -32,7 +31,7 @@ from vllm.model_executor.models.utils import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from qfusion_vllm.fusion import FusionPart
+from qfusion_vllm.fusion import FusionPart, as_list
 from qfusion_vllm.processing import QFusionDummyInputsBuilder, QFusionMultiModalProcessor, QFusionProcessingInfo
 
 
@@ -166,13 +165,9 @@ class QFusionLlavaForConditionalGeneration(nn.Module, FusionPart, SupportsMultiM
         pixel_values = kwargs.get("pixel_values")
         if pixel_values is None:
             return []
-        images = list(pixel_values.unbind(0)) if isinstance(pixel_values, Tensor) else list(pixel_values)
-        features = self.item_features(len(images), kwargs, lambda chosen: list(
+        images = as_list(pixel_values)
+        return self.item_embeddings(len(images), kwargs, lambda chosen: list(
             self._host_features(torch.stack([images[i] for i in chosen])).unbind(0)))
-        if self.plugin is None:
-            return features
-        dtype = self.language_model.model.embed_tokens.weight.dtype
-        return [tokens.to(dtype) for tokens in self.fuse(features, kwargs)]
 
     def forward(self, input_ids: Tensor | None, positions: Tensor, intermediate_tensors=None,
                 inputs_embeds: Tensor | None = None, **kwargs: object):
@@ -184,6 +179,4 @@ class QFusionLlavaForConditionalGeneration(nn.Module, FusionPart, SupportsMultiM
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
-        """The host checkpoint through vLLM's loader (the fusion came with the plugin at init)."""
-        loaded = AutoWeightsLoader(self).load_weights(_tower_names(weights), mapper=self.hf_to_vllm_mapper)
-        return loaded | self.fusion_weight_names()
+        return self.load_host_weights(_tower_names(weights))

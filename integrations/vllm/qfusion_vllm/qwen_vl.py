@@ -26,7 +26,7 @@ from transformers import AutoModel, BatchFeature, Qwen2_5_VLModel, Qwen2VLImageP
 
 from vllm.config import VllmConfig
 from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModal, SupportsPP
-from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model, maybe_prefix
+from vllm.model_executor.models.utils import WeightsMapper, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
@@ -160,12 +160,8 @@ class QwenVLForConditionalGeneration(nn.Module, FusionPart, SupportsMultiModal, 
         if not isinstance(pixel_values, Tensor):
             pixel_values = torch.cat(list(pixel_values))
         images = list(pixel_values.split(grids.prod(-1).tolist()))
-        features = self.item_features(len(images), kwargs, lambda chosen: self._host_features(
+        return self.item_embeddings(len(images), kwargs, lambda chosen: self._host_features(
             torch.cat([images[i] for i in chosen]), grids[chosen]))
-        if self.plugin is None:
-            return features
-        dtype = self.language_model.model.embed_tokens.weight.dtype
-        return [tokens.to(dtype) for tokens in self.fuse(features, kwargs)]
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[Tensor, int]:
         """The host's rope index over the prompt: per fused item the virtual grid of its k tokens
@@ -191,9 +187,7 @@ class QwenVLForConditionalGeneration(nn.Module, FusionPart, SupportsMultiModal, 
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
-        """The host checkpoint through vLLM's loader (the fusion came with the plugin at init)."""
-        loaded = AutoWeightsLoader(self).load_weights(weights, mapper=self.hf_to_vllm_mapper)
-        return loaded | self.fusion_weight_names()
+        return self.load_host_weights(weights)
 
 
 @MULTIMODAL_REGISTRY.register_processor(QwenVLMultiModalProcessor, info=QwenVLProcessingInfo,
