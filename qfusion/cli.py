@@ -159,20 +159,15 @@ def _read_pairs(path: str) -> list[tuple[str, str, str]]:
     """(prompt, chosen, rejected) triples from a JSONL file, one object a line (blank lines skipped)."""
     import json
 
+    from qfusion.files import read_json_lines
+
     pairs = []
-    with open(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"--pairs: line {line_number} of {path!r} is not JSON: {error}") from None
-            if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
-                                                       for k in ("prompt", "chosen", "rejected")):
-                raise ValueError(f"--pairs: line {line_number} of {path!r}: expected an object with string "
-                                 f"keys prompt, chosen, rejected, got {line.strip()[:80]!r}")
-            pairs.append((record["prompt"], record["chosen"], record["rejected"]))
+    for number, record in read_json_lines(path, lambda number: f"--pairs: line {number} of {path!r}"):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                   for k in ("prompt", "chosen", "rejected")):
+            raise ValueError(f"--pairs: line {number} of {path!r}: expected an object with string "
+                             f"keys prompt, chosen, rejected, got {json.dumps(record)[:80]!r}")
+        pairs.append((record["prompt"], record["chosen"], record["rejected"]))
     return pairs
 
 

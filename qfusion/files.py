@@ -1,4 +1,5 @@
-"""Files written atomically: a reader sees the old file or the whole new one, never half of it.
+"""Files written atomically: a reader sees the old file or the whole new one, never half of it; and
+JSON-lines files read with errors that name the line.
 
 Every file qfusion writes outside a staged plugin directory (results, scores, fits, figures, logs,
 configs) goes through :func:`write_atomically`.
@@ -11,7 +12,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -50,6 +51,22 @@ def write_json(data, path: str | os.PathLike, *, sort_keys: bool = False) -> Pat
     Returns ``path`` as a Path.
     """
     return write_text(path, json.dumps(_finite(data), indent=2, sort_keys=sort_keys, allow_nan=False) + "\n")
+
+
+def read_json_lines(path: str | os.PathLike, where: Callable[[int], str]) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of the JSON-lines file at ``path``, in order.
+
+    where: line number -> how an error names that line (e.g. ``"data.jsonl:3"``); a line that is not
+        JSON is a ValueError "<where>: not JSON (<reason>)".
+    """
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where(number)}: not JSON ({error})") from None
 
 
 def _finite(value):

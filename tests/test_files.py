@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qfusion.files import write_atomically, write_json, write_text
+from qfusion.files import read_json_lines, write_atomically, write_json, write_text
 
 
 def test_write_json_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -45,3 +45,12 @@ def test_write_json_writes_non_finite_floats_as_null_and_sorts_keys_on_request(t
 def test_write_text_keeps_the_text_exactly(tmp_path):
     text = '{"step": 1}\n{"step": 2}\n'
     assert write_text(tmp_path / "metrics.jsonl", text).read_text() == text
+
+
+def test_read_json_lines_skips_blank_lines_and_names_a_line_that_is_not_json(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"a": 1}\n\n[2]\n{oops\n')
+    lines = read_json_lines(path, lambda number: f"records.jsonl:{number}")
+    assert next(lines) == (1, {"a": 1}) and next(lines) == (3, [2])
+    with pytest.raises(ValueError, match=r"^records.jsonl:4: not JSON \(Expecting property name"):
+        next(lines)

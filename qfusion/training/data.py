@@ -20,7 +20,6 @@ video or a list of them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from qfusion.files import read_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -189,16 +190,9 @@ def make_sample(index: int, record, where: str, image_root: str, num_frames: int
 def read_jsonl(path: str) -> list[dict]:
     """The records of a conversation JSONL file, each checked; errors name the file and line."""
     records = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from None
-            check_record(record, f"{path}:{number}")
-            records.append(record)
+    for number, record in read_json_lines(path, lambda number: f"{path}:{number}"):
+        check_record(record, f"{path}:{number}")
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: no records")
     return records
