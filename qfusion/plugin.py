@@ -340,6 +340,14 @@ def check_fit(config: FusionConfig, host: dict[str, int], source: str) -> None:
             raise ValueError(f"fusion: {source} has {name}={value}, this host needs {name}={host[name]}")
 
 
+def check_tokens(settings: AdapterSettings, tokens: dict, source: str) -> None:
+    """Raise unless a plugin saved with its host's token ids (``settings.tokens``; format 1 saved none)
+    was saved for these ``tokens``, naming both."""
+    if settings.tokens is not None and settings.tokens != tokens:
+        raise ValueError(f"fusion: {source} was saved for a host with token ids {settings.tokens}, this host has "
+                         f"{tokens}")
+
+
 def push_plugin(directory: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
                 folders: tuple[str, ...] = (), commit_message: str = "Upload qfusion plugin") -> str:
     """Upload a complete plugin directory to the Hugging Face Hub; returns the commit's URL.

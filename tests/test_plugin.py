@@ -95,6 +95,17 @@ def test_damaged_or_unknown_settings_are_refused_naming_the_file(hosts, tmp_path
         read_plugin(tmp_path / "plugin")
 
 
+def test_a_plugin_saved_for_other_token_ids_is_refused_naming_both(hosts, tmp_path):
+    saved_plugin(hosts, tmp_path / "plugin")
+    path = tmp_path / "plugin" / ADAPTER_CONFIG_NAME
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), tokens={"image": 5})))
+    model = hosts.model("llava")
+    with pytest.raises(ValueError, match=r"^fusion: the plugin was saved for a host with token ids \{'image': 5\}, "
+                                         r"this host has \{'image': 4\}$"):
+        qfusion.attach(model, tmp_path / "plugin")
+    assert not hasattr(model, "qfusion")
+
+
 def test_a_format_1_plugin_attaches_and_its_processor_needs_the_model(hosts, tmp_path):
     adapter = saved_plugin(hosts, tmp_path / "plugin")
     path = tmp_path / "plugin" / ADAPTER_CONFIG_NAME

@@ -31,7 +31,7 @@ from qfusion.adapters.lora import lora_config
 from qfusion.adapters.patching import unwrap_model
 from qfusion.config import FusionConfig
 from qfusion.model import QuestionFusion
-from qfusion.plugin import AdapterSettings, check_fit, check_int_pair, fit_config, read_plugin
+from qfusion.plugin import AdapterSettings, check_fit, check_int_pair, check_tokens, fit_config, read_plugin
 from qfusion.vision import HDFrontEnd
 
 for _module in pkgutil.iter_modules(__path__):  # every module here; the family files register their records
@@ -152,10 +152,7 @@ def _settings(family: HostFamily, model: nn.Module, saved: AdapterSettings | Non
 def _with_tokens(settings: AdapterSettings, adapter: HostAdapter) -> AdapterSettings:
     """The settings with this host's token ids (saved with the plugin, so a processor can be built from it)."""
     tokens = adapter.tokens.to_json()
-    if settings.tokens is not None and settings.tokens != tokens:
-        raise ValueError(
-            f"fusion: the plugin was saved for a host with token ids {settings.tokens}, this host has {tokens}"
-        )
+    check_tokens(settings, tokens, "the plugin")
     return dataclasses.replace(settings, tokens=tokens)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 from qfusion.adapters import MODEL_TYPES
-from qfusion.plugin import Plugin, check_fit, read_plugin
+from qfusion.plugin import Plugin, check_fit, check_tokens, read_plugin
 
 PLUGIN_FIELD = "qfusion_plugin"
 """Host-config field (set with ``hf_overrides``) holding the plugin directory."""
@@ -71,10 +71,7 @@ def load_plugin(hf_config) -> Plugin | None:
     if settings.mode != "replace":
         raise ValueError(f"{source}: mode {settings.mode!r}; vLLM serves plugins in mode 'replace'")
     family = MODEL_TYPES[model_type]
-    tokens = family.tokens(hf_config).to_json()
-    if settings.tokens is not None and settings.tokens != tokens:
-        raise ValueError(f"{source}: the plugin was saved for a host with token ids {settings.tokens}, "
-                         f"this host has {tokens}")
+    check_tokens(settings, family.tokens(hf_config).to_json(), f"the plugin at {directory!r} ({PLUGIN_FIELD})")
     width = family.output_dim(hf_config, settings) if family.output_dim else hf_config.get_text_config().hidden_size
     host = {"vision_dim": family.source(settings.vision_source).dim(hf_config, settings), "output_dim": width}
     check_fit(plugin.config, host, f"the plugin at {directory!r} ({PLUGIN_FIELD}, vision_source="
