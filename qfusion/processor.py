@@ -324,11 +324,24 @@ class QFusionProcessor:
                                       else [{"type": "text", "text": text_with_image}])
             turns.append((message["role"], text))
             messages.append(message)
+        return self._apply_template(messages, add_generation_prompt), questions, turns, image_counts, kinds
+
+    def _apply_template(self, messages: list[dict], add_generation_prompt: bool | None) -> str:
+        """The prompt text of ``messages`` by the host's chat template; add_generation_prompt None: when
+        the last turn is the user's."""
         if add_generation_prompt is None:
-            add_generation_prompt = conversation[-1]["role"] == "user"
-        prompt = self.tokenizer.apply_chat_template(messages, chat_template=self._chat_template(), tokenize=False,
-                                                    add_generation_prompt=add_generation_prompt)
-        return prompt, questions, turns, image_counts, kinds
+            add_generation_prompt = messages[-1]["role"] == "user"
+        return self.tokenizer.apply_chat_template(messages, chat_template=self._chat_template(), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    @staticmethod
+    def _padding_side(padding_side: str | None) -> str:
+        """The padding side of a call: "left" by default, else "left" or "right"."""
+        if padding_side is None:
+            return "left"
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+        return padding_side
 
     @staticmethod
     def _per_sample(values, wanted: list[int], name: str, kind: str) -> list:
@@ -469,10 +482,7 @@ class QFusionProcessor:
             raise ValueError("conversations, questions: pass exactly one of them")
         if return_tensors != "pt":
             raise ValueError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
-        if padding_side is None:
-            padding_side = "left"
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+        padding_side = self._padding_side(padding_side)
         budget = self.budget if budget is None else Budget.of(budget, name="budget", codebook_size=self.codebook_size)
         if conversations is not None:
             rendered = [self._render(c, add_generation_prompt, budget) for c in self._batch_conversations(conversations)]
@@ -532,19 +542,14 @@ class QFusionProcessor:
         padding_side: as in ``__call__``; a conversation with an image or video item is refused.
         Returns a ``BatchFeature`` with ``input_ids``, ``attention_mask`` and, on request, ``labels``.
         """
-        if padding_side is None:
-            padding_side = "left"
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side: expected 'left' or 'right', got {padding_side!r}")
+        padding_side = self._padding_side(padding_side)
         prompts, turns = [], []
         for b, conversation in enumerate(self._batch_conversations(conversations)):
             if any(_visual_items(message["content"]) for message in conversation):
                 raise ValueError(f"conversations[{b}]: has an image or video item; text_inputs takes text-only "
                                  "conversations (call the processor itself for the others)")
             messages = [{"role": m["role"], "content": _text_of(m["content"])} for m in conversation]
-            generation = conversation[-1]["role"] == "user" if add_generation_prompt is None else add_generation_prompt
-            prompts.append(self.tokenizer.apply_chat_template(messages, chat_template=self._chat_template(),
-                                                              tokenize=False, add_generation_prompt=generation))
+            prompts.append(self._apply_template(messages, add_generation_prompt))
             turns.append([(m["role"], m["content"]) for m in messages])
         encoding = self.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt",
                                   return_offsets_mapping=return_labels, padding_side=padding_side)
