@@ -66,11 +66,14 @@ class QFusionProcessingInfo(BaseProcessingInfo):
     def plugin(self) -> Plugin | None:
         return load_plugin(self.get_hf_config())
 
+    @cached_property
+    def placeholder_ids(self) -> list[int]:
+        """The ids of one image placeholder in a prompt (with the host's vision markers)."""
+        return [t for t in (self.tokens.start, self.tokens.image, self.tokens.end) if t is not None]
+
     def placeholder(self) -> str:
         """The text of one image placeholder in a prompt (with the host's vision markers)."""
-        tokenizer = self.get_tokenizer()
-        run = [t for t in (self.tokens.start, self.tokens.image, self.tokens.end) if t is not None]
-        return "".join(tokenizer.convert_ids_to_tokens(run))
+        return "".join(self.get_tokenizer().convert_ids_to_tokens(self.placeholder_ids))
 
     def budget(self, mm_kwargs: Mapping[str, object]) -> Budget:
         """The (m, n) of a request: its ``qfusion_budget`` or the plugin's."""
@@ -195,9 +198,8 @@ class QFusionMultiModalProcessor(BaseMultiModalProcessor[QFusionProcessingInfo])
             return super().apply(inputs, timing_ctx)
         if not isinstance(images, ProcessorBatchItems):
             raise ValueError("image: the qfusion plugin fuses images, not precomputed image embeddings")
-        tokens = info.tokens
-        run = [t for t in (tokens.start, tokens.image, tokens.end) if t is not None]
-        layout = plan(inputs.prompt, info.turn_markers, {tokens.image: "image"}, lambda _: run, set(run),
+        run = info.placeholder_ids
+        layout = plan(inputs.prompt, info.turn_markers, {info.tokens.image: "image"}, lambda _: run, set(run),
                       info.question_ids, info.is_space)
         items = layout.items.get("image", [])
         placeholders = len({item.visual for item in items})
